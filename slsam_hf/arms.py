@@ -1,0 +1,90 @@
+"""Arms: the groups of trainable parameter tensors that layer selection turns on and off (pure torch)."""
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+# Task heads a model adds on top of a pretrained body (BERT-style, Llama-style, QA); `lm_head` is not one of
+# them: it is pretrained and often tied to the input embeddings.
+AUTO_HEAD_PATTERN = re.compile(r"(^|\.)(classifier|pre_classifier|score|qa_outputs)\.")
+PEFT_SAVED_MODULE_PATTERN = re.compile(r"(^|\.)modules_to_save\.")
+
+
+@dataclass
+class Arm:
+    """One bandit arm: a name and the parameter tensors it switches together."""
+
+    name: str
+    param_names: list[str] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def is_new_head(name: str, param: nn.Parameter) -> bool:
+    """A task-head weight that `from_pretrained` initialised instead of loading (or a PEFT modules_to_save copy)."""
+    if PEFT_SAVED_MODULE_PATTERN.search(name):
+        return True
+    return bool(AUTO_HEAD_PATTERN.search(name)) and not getattr(param, "_is_hf_initialized", False)
+
+
+def matches_always_selected(name: str, param: nn.Parameter, patterns: list[str]) -> bool:
+    """`patterns` are regexes searched in the parameter name; 'auto' means `is_new_head`, 'none' nothing."""
+    for pattern in patterns:
+        if pattern == "none":
+            continue
+        if pattern == "auto":
+            if is_new_head(name, param):
+                return True
+        elif re.search(pattern, name):
+            return True
+    return False
+
+
+def _top_level_module_lists(model: nn.Module) -> list[str]:
+    """Paths of the ModuleLists that sit inside no other ModuleList (the transformer block stacks)."""
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and name]
+    return [n for n in lists if not any(n.startswith(outer + ".") for outer in lists)]
+
+
+def block_name(param_name: str, module_lists: list[str]) -> str:
+    """The block a parameter belongs to: `<list>.<index>` inside a block stack, else the shortest module path
+    that holds no block stack (`bert.embeddings`, `model.norm`, `classifier`)."""
+    for stack in module_lists:
+        if param_name.startswith(stack + "."):
+            index = param_name[len(stack) + 1 :].split(".", 1)[0]
+            return f"{stack}.{index}"
+    parts = param_name.split(".")
+    for k in range(1, len(parts)):
+        prefix = ".".join(parts[:k])
+        if not any(stack == prefix or stack.startswith(prefix + ".") for stack in module_lists):
+            return prefix
+    return param_name
+
+
+def group_arms(
+    model: nn.Module, granularity: str = "tensor", always_selected: list[str] = ("auto",)
+) -> tuple[list[Arm], Arm]:
+    """Split the trainable parameters of `model` into bandit arms and the always-selected group.
+
+    Returns `(arms, always)`; `always.params` train every step and are not arms.
+    """
+    if granularity not in ("tensor", "block"):
+        raise ValueError(f"arm_granularity must be one of ['tensor', 'block'], got {granularity!r}")
+    module_lists = _top_level_module_lists(model) if granularity == "block" else []
+    arms: dict[str, Arm] = {}
+    always = Arm("always_selected")
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if matches_always_selected(name, param, list(always_selected)):
+            arm = always
+        else:
+            key = block_name(name, module_lists) if granularity == "block" else name
+            arm = arms.setdefault(key, Arm(key))
+        arm.param_names.append(name)
+        arm.params.append(param)
+    return list(arms.values()), always

@@ -1,0 +1,68 @@
+"""Selector, history and lookback state inside a checkpoint folder, in formats that load without running code."""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SAM_STATE_JSON = "sam_state.json"
+LOOKBACK_SAFETENSORS = "sam_lookback.safetensors"
+FORMAT = "slsam_hf/1"
+
+
+def save_sam_state(folder: str, arm_names: list[str], selector, history, lookback: dict[str, torch.Tensor]) -> None:
+    """Write `sam_state.json` (arm names, selector probabilities, selection history) and, for the lookback mode,
+    `sam_lookback.safetensors` (the previous update gradient of every tensor that has one)."""
+    os.makedirs(folder, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "arm_names": arm_names,
+        "selector": None if selector is None else selector.state_dict(),
+        "history": history.state_dict(),
+    }
+    with open(os.path.join(folder, SAM_STATE_JSON), "w") as f:
+        json.dump(state, f)
+    if lookback:
+        save_file({name: t.detach().contiguous().cpu() for name, t in lookback.items()},
+                  os.path.join(folder, LOOKBACK_SAFETENSORS))
+
+
+def has_sam_state(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, SAM_STATE_JSON))
+
+
+def load_sam_state(folder: str, arm_names: list[str], selector, history, param_names: set[str]) -> dict:
+    """Restore `selector` and `history` in place from `folder`; return the lookback gradients (name -> CPU tensor).
+
+    A file that is malformed or describes other arms raises ValueError naming the file.
+    """
+    path = os.path.join(folder, SAM_STATE_JSON)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} state")
+        if state["arm_names"] != arm_names:
+            raise ValueError(
+                f"it names {len(state['arm_names'])} arms, this model has {len(arm_names)} "
+                "(another model, arm_granularity or always_selected?)"
+            )
+        if (state["selector"] is None) != (selector is None):
+            raise ValueError("it was written with another layer_selection")
+        if selector is not None:
+            selector.load_state_dict(state["selector"])
+        history.load_state_dict(state["history"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot resume from {path}: {err}") from err
+    lookback_path = os.path.join(folder, LOOKBACK_SAFETENSORS)
+    if not os.path.isfile(lookback_path):
+        return {}
+    try:
+        lookback = load_file(lookback_path)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot resume from {lookback_path}: {err}") from err
+    unknown = set(lookback) - param_names
+    if unknown:
+        raise ValueError(f"cannot resume from {lookback_path}: unknown tensors {sorted(unknown)[:3]}")
+    return lookback

@@ -1,0 +1,121 @@
+"""Arm selection: uniform sampling and the SL-SAM EXP3 bandit (numpy; knows nothing of Trainer)."""
+
+import numpy as np
+
+
+def project_to_budget(weights: np.ndarray, total: float, min_prob: float) -> np.ndarray:
+    """Project weights onto {sum(p) = total, min_prob <= p <= 1}: p_i = clip(c * w_i, min_prob, 1).
+
+    c is found by bisection, then solved exactly on the arms left strictly inside the bounds. With
+    min_prob -> 0 this is SL-SAM's rule (cap the largest weights at 1, rescale the rest to the remaining budget).
+    """
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 0.0)
+    n = len(w)
+    if not n * min_prob <= total <= n:
+        raise ValueError(f"cannot spread a budget of {total} over {n} arms with probabilities in [{min_prob}, 1]")
+    if total == n:
+        return np.ones(n)
+    positive = w[w > 0]
+    if positive.size == 0:
+        return np.full(n, total / n)
+    low, high = 0.0, 1.0 / positive.min()
+    for _ in range(200):
+        c = 0.5 * (low + high)
+        if np.clip(c * w, min_prob, 1.0).sum() < total:
+            low = c
+        else:
+            high = c
+    p = np.clip(high * w, min_prob, 1.0)
+    free = (p > min_prob) & (p < 1.0)
+    if free.any():
+        fixed = p[~free].sum()
+        p[free] = np.clip(w[free] * (total - fixed) / w[free].sum(), min_prob, 1.0)
+    return p
+
+
+class UniformSelector:
+    """Uniform selection: arm i joins S_t independently with probability p_i = s (S_t redrawn if empty).
+
+    The draw for step t uses a generator seeded with (seed, t), so every process, and a run resumed at step t,
+    draws the same S_t.
+    """
+
+    def __init__(self, num_arms: int, budget: float, seed: int = 0):
+        if num_arms < 1:
+            raise ValueError("layer selection needs at least one arm (trainable parameter tensor)")
+        if not 0 < budget <= 1:
+            raise ValueError(f"selection_budget must be in (0, 1], got {budget!r}")
+        self.num_arms = num_arms
+        self.budget = float(budget)
+        self.seed = int(seed)
+        self.probabilities = np.full(num_arms, self.budget)
+
+    def select(self, step: int) -> np.ndarray:
+        """Indices of the arms selected at optimizer step `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        while True:
+            chosen = np.flatnonzero(rng.random(self.num_arms) < self.probabilities)
+            if chosen.size:
+                return chosen
+
+    def update(self, selected: np.ndarray, rewards: np.ndarray) -> bool:
+        """Uniform selection learns nothing; returns whether the probabilities changed."""
+        return False
+
+    def entropy(self) -> float:
+        """Entropy (nats) of q = p / sum(p); log(N) when uniform."""
+        q = self.probabilities / self.probabilities.sum()
+        return float(-(q * np.log(q)).sum())
+
+    def state_dict(self) -> dict:
+        return {"num_arms": self.num_arms, "budget": self.budget, "probabilities": self.probabilities.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        probs = np.asarray(state["probabilities"], dtype=np.float64)
+        if probs.shape != (self.num_arms,):
+            raise ValueError(f"selector state has {probs.size} arm probabilities, this model has {self.num_arms} arms")
+        if not (np.all(np.isfinite(probs)) and np.all(probs > 0) and np.all(probs <= 1)):
+            raise ValueError("selector state has arm probabilities outside (0, 1]")
+        self.probabilities = probs
+
+
+class LayerBandit(UniformSelector):
+    """SL-SAM's EXP3 bandit over arms, driven by gradient norms (AdamBS-style update).
+
+    For the selected arms i in S_t with rewards a_i (gradient norms):
+        loss_i = max_{j in S_t} (a_j / p_j)^2 - (a_i / p_i)^2,   w_i = p_i * exp(-lr * loss_i / p_i),
+    w_i = p_i for the others; then p = project_to_budget(w, s * N, min_prob).
+    `reward="normalized"` divides a by max_{j in S_t} a_j first (scale-invariant); `"raw"` is the released rule.
+    """
+
+    def __init__(
+        self,
+        num_arms: int,
+        budget: float,
+        lr: float = 1e-3,
+        reward: str = "normalized",
+        min_prob: float = 1e-3,
+        seed: int = 0,
+    ):
+        super().__init__(num_arms, budget, seed)
+        if reward not in ("normalized", "raw"):
+            raise ValueError(f"bandit_reward must be one of ['normalized', 'raw'], got {reward!r}")
+        if not 0 < min_prob < budget or min_prob > 1:
+            raise ValueError(f"bandit_min_prob must be in (0, selection_budget={budget}), got {min_prob!r}")
+        self.lr = float(lr)
+        self.reward = reward
+        self.min_prob = float(min_prob)
+
+    def update(self, selected: np.ndarray, rewards: np.ndarray) -> bool:
+        """Apply one EXP3 update; non-finite rewards leave the probabilities untouched (returns False)."""
+        a = np.asarray(rewards, dtype=np.float64)
+        if a.size == 0 or not np.all(np.isfinite(a)):
+            return False
+        if self.reward == "normalized" and a.max() > 0:
+            a = a / a.max()
+        p = self.probabilities[selected]
+        scaled = (a / p) ** 2
+        weights = self.probabilities.copy()
+        weights[selected] = p * np.exp(-self.lr * (scaled.max() - scaled) / p)
+        self.probabilities = project_to_budget(weights, self.budget * self.num_arms, self.min_prob)
+        return True

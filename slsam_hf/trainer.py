@@ -1,0 +1,335 @@
+"""`SAMTrainer`: transformers.Trainer glue for sparse-layer (SL-SAM) and zero-order (ZO-SAM) sharpness-aware steps.
+
+Per optimizer step t (DESIGN section 2):
+  1. select arms S_t (bandit / random / all); every other arm gets requires_grad=False (no grad, no update);
+  2. per micro-batch, an ascent direction g on S_t (`sam_mode`);
+  3. theta <- theta + rho * g / ||g||, stock `Trainer.training_step` (forward + backward on S_t), theta restored;
+  4. after the last micro-batch, the bandit learns from the gradient norms; the stock loop clips and steps.
+"""
+
+import contextlib
+import copy
+import logging
+import os
+
+import numpy as np
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .arms import group_arms
+from .ascent import cosine_similarity, first_order_direction, perturb, restore, zero_order_direction
+from .checkpoint import has_sam_state, load_sam_state, save_sam_state
+from .history import SelectionHistory
+from .selection import LayerBandit, UniformSelector
+from .training_args import SAMTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed for a private generator, derived from (seed, step, micro-batch) keys."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+class SAMTrainerMixin:
+    """Adds SL-SAM / ZO-SAM steps to a `Trainer` subclass: `class MySFT(SAMTrainerMixin, SFTTrainer)`.
+
+    The args must be a `SAMTrainingArguments` (for TRL: a dataclass inheriting from both configs).
+    """
+
+    # Attributes that `compute_loss` changes on every call (TRL's token metrics and counters): the extra
+    # forwards of a SAM step restore them, so only the update pass is counted.
+    sam_untracked_attributes = ("_metrics", "_total_train_tokens")
+
+    def __init__(self, *args, **kwargs):
+        if len(args) < 2 and kwargs.get("args") is None:
+            kwargs["args"] = SAMTrainingArguments(output_dir="trainer_output")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SAMTrainingArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs args=SAMTrainingArguments(...), got {type(self.args).__name__}; "
+                "for another Trainer's config, make a dataclass that inherits from both."
+            )
+        self._check_supported()
+        args = self.args
+        self.arms, self.always_selected = group_arms(self.model, args.arm_granularity, args.always_selected)
+        if not self.arms and not self.always_selected.params:
+            raise ValueError("the model has no trainable parameters (every requires_grad is False)")
+        if args.layer_selection == "all":
+            self.selector = None
+        elif not self.arms:
+            raise ValueError(
+                f"layer_selection={args.layer_selection!r} has no arms to choose from: always_selected="
+                f"{args.always_selected} matches every trainable tensor. Use layer_selection='all' or narrower "
+                "always_selected patterns."
+            )
+        elif args.layer_selection == "random":
+            self.selector = UniformSelector(len(self.arms), args.selection_budget, seed=args.seed)
+        else:
+            self.selector = LayerBandit(
+                len(self.arms), args.selection_budget, lr=args.bandit_lr, reward=args.bandit_reward,
+                min_prob=args.bandit_min_prob, seed=args.seed,
+            )
+        self.history = SelectionHistory([arm.name for arm in self.arms])
+        self._trainable = [p for arm in self.arms for p in arm.params] + self.always_selected.params
+        self._trainable_numel = sum(p.numel() for p in self._trainable)
+        self._lookback: dict[str, torch.Tensor] = {}
+        self._step_started = None
+        self._window = self._empty_window()
+
+    def _check_supported(self):
+        args = self.args
+        if self.is_deepspeed_enabled:
+            raise ValueError("SAMTrainer does not support DeepSpeed yet; use DDP (accelerate_configs/multi_gpu.yaml).")
+        if self.is_fsdp_enabled and (args.sam_mode != "none" or args.layer_selection != "all"):
+            raise ValueError(
+                "SAMTrainer supports FSDP only with sam_mode='none' and layer_selection='all' (plain training): "
+                "sharded weights cannot be perturbed or frozen per step here. Use DDP (accelerate_configs/"
+                "multi_gpu.yaml) for SAM modes and layer selection."
+            )
+        if args.n_gpu > 1:
+            raise ValueError(
+                "SAMTrainer does not support torch.nn.DataParallel (several GPUs in one process); launch one "
+                "process per GPU with `accelerate launch` or `torchrun` (DDP)."
+            )
+
+    # ----------------------------------------------------------------------------------------------- the step
+
+    def create_optimizer(self, model=None):
+        """Stock optimizer, built over every arm (stock code keeps only tensors with requires_grad=True)."""
+        self._set_requires_grad(None)
+        return super().create_optimizer(model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        args = self.args
+        if self._step_started != self.state.global_step:
+            self._begin_step()
+        inputs = self._prepare_inputs(inputs)
+        perturbing = args.sam_mode != "none" and args.sam_rho > 0
+        backup, params, clean_loss = None, [], None
+        if perturbing:
+            params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
+            if direction is not None:
+                backup = perturb(params, direction, args.sam_rho, adaptive=args.sam_mode == "asam")
+            del direction
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if backup is not None:
+            restore(params, backup)
+        if perturbing:
+            self._window["perturbed_loss"] += loss
+            self._window["skipped"] += backup is None
+            if clean_loss is not None:
+                self._window["sharpness"] += loss - clean_loss
+        self._micro_step += 1
+        if self.accelerator.sync_gradients:
+            self._end_step()
+        return loss if clean_loss is None else clean_loss
+
+    def _begin_step(self):
+        """Draw S_t for the optimizer step about to start and freeze every other arm."""
+        self._step_started = self.state.global_step
+        self._micro_step = 0
+        if self.selector is None:
+            self._selected = np.arange(len(self.arms))
+        else:
+            self._selected = self.selector.select(self.state.global_step)
+            self.history.record(self._selected)
+            self._set_requires_grad(self._selected)
+        self._arm_params = [(k, name, p) for k, i in enumerate(self._selected)
+                            for name, p in zip(self.arms[i].param_names, self.arms[i].params)]
+        always = self.always_selected
+        self._params = [p for _, _, p in self._arm_params] + always.params
+        self._param_names = [name for _, name, _ in self._arm_params] + always.param_names
+        self._rewards = np.zeros(len(self._selected))
+
+    def _end_step(self):
+        """After the last micro-batch's backward: bookkeeping, bandit update, lookback buffer."""
+        window = self._window
+        window["steps"] += 1
+        window["active"] += sum(p.numel() for p in self._trainable if p.grad is not None) / self._trainable_numel
+        window["selected"] += len(self._selected)
+        if isinstance(self.selector, LayerBandit):
+            if self.args.sam_mode not in ("sam", "asam"):
+                self._rewards = self._arm_norms([p.grad for _, _, p in self._arm_params])
+            rewards = self._rewards
+            if self.accelerator.num_processes > 1:
+                rewards = self.accelerator.reduce(torch.as_tensor(rewards, device=self.args.device), "mean")
+                rewards = rewards.cpu().numpy()
+            if not self.selector.update(self._selected, rewards):
+                window["bandit_skipped"] += 1
+        if self.args.sam_mode == "lookback":
+            for name, p in zip(self._param_names, self._params):
+                if p.grad is not None and torch.isfinite(p.grad).all():
+                    self._lookback[name] = p.grad.detach().clone()
+
+    def _ascent_direction(self, model, inputs, num_items_in_batch):
+        """(params, direction g, unperturbed loss or None) for this micro-batch; g None: no perturbation."""
+        mode, params = self.args.sam_mode, self._params
+        if mode in ("sam", "asam"):
+            grads, loss = self._first_order(model, inputs, num_items_in_batch, params)
+            if isinstance(self.selector, LayerBandit):
+                self._rewards += self._arm_norms(grads[: len(self._arm_params)])
+            return params, grads, loss
+        if mode == "lookback":
+            known = [(p, self._lookback[n].to(p.device)) for n, p in zip(self._param_names, params)
+                     if n in self._lookback]
+            params, direction = [p for p, _ in known], [g for _, g in known]
+            direction = direction or None
+        else:
+            direction = self._zero_order(model, inputs, params)
+        if direction is not None and self._cosine_due():
+            true_grad, _ = self._first_order(model, inputs, num_items_in_batch, params)
+            self._window["cosine"].append(cosine_similarity(direction, true_grad))
+        return params, direction, None
+
+    def _first_order(self, model, inputs, num_items_in_batch, params):
+        """Train-mode loss at theta and its gradient on `params` (per process, under no_sync; .grad untouched)."""
+        model.train()
+        with self.accelerator.no_sync(model), self._off_the_record():
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = self._scale_for_accumulation(loss, num_items_in_batch)
+            scaler = self.accelerator.scaler
+            grads = first_order_direction(scaler.scale(loss) if scaler is not None else loss, params)
+        return grads, loss.detach()
+
+    def _zero_order(self, model, inputs, params):
+        """ZO-SAM's forward-only estimate on `params`, dropout off, losses averaged over processes."""
+        args = self.args
+        rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        keep = max(1, int(round(rows * args.zo_probe_fraction)))
+        probe = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+                 for k, v in inputs.items()}
+
+        def probe_loss():
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, probe).detach()
+            return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
+
+        model.eval()
+        with self._off_the_record():
+            return zero_order_direction(
+                probe_loss, params, args.zo_num_directions, args.zo_eps,
+                seed=derive_seed(args.seed, self.state.global_step, self._micro_step),
+            )
+
+    def _scale_for_accumulation(self, loss, num_items_in_batch):
+        """The gradient-accumulation scaling stock `training_step` applies before its backward."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return loss if scaled else loss / self.current_gradient_accumulation_steps
+
+    def _arm_norms(self, grads):
+        """||grad||_2 per selected arm from tensors aligned with the arms' parameters (None counts as 0),
+        divided by the fp16 loss scale."""
+        squares = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads if g is not None]
+        owners = [k for (k, _, _), g in zip(self._arm_params, grads) if g is not None]
+        norms = np.zeros(len(self._selected))
+        if squares:
+            np.add.at(norms, owners, torch.stack(squares).cpu().numpy().astype(np.float64))
+        scaler = self.accelerator.scaler
+        return np.sqrt(norms) / (scaler.get_scale() if scaler is not None else 1.0)
+
+    def _cosine_due(self):
+        k = self.args.sam_cosine_log_steps
+        return k > 0 and self._micro_step == 0 and self.state.global_step % k == 0
+
+    @contextlib.contextmanager
+    def _off_the_record(self):
+        saved = {n: copy.deepcopy(getattr(self, n)) for n in self.sam_untracked_attributes if hasattr(self, n)}
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    def _set_requires_grad(self, selected):
+        """requires_grad=True on the arms in `selected` (all arms when None), False on the others."""
+        on = np.ones(len(self.arms), dtype=bool)
+        if selected is not None:
+            on[:] = False
+            on[selected] = True
+        for arm, flag in zip(self.arms, on):
+            for p in arm.params:
+                p.requires_grad_(bool(flag))
+
+    # ---------------------------------------------------------------------------- logging and checkpoints
+
+    @staticmethod
+    def _empty_window():
+        return {"steps": 0, "active": 0.0, "selected": 0, "perturbed_loss": 0.0, "sharpness": 0.0, "skipped": 0,
+                "bandit_skipped": 0, "cosine": []}
+
+    def log(self, logs, start_time=None):
+        """Adds the SAM figures, averaged over the logging window, to the Trainer's training logs."""
+        window = self._window
+        if "loss" in logs and window["steps"] > 0:
+            steps, mode = window["steps"], self.args.sam_mode
+            if mode != "none" and self.args.sam_rho > 0:
+                logs["loss_perturbed"] = self._window_mean(window["perturbed_loss"], steps)
+                logs["perturbation_skipped"] = window["skipped"]
+                if mode in ("sam", "asam"):
+                    logs["sharpness"] = self._window_mean(window["sharpness"], steps)
+            if window["cosine"]:
+                logs["ascent_cosine"] = float(np.mean(window["cosine"]))
+            logs["active_param_ratio"] = window["active"] / steps
+            if self.selector is not None:
+                logs["selected_arms"] = window["selected"] / steps
+                logs["bandit_entropy"] = self.selector.entropy()
+                self.history.close_window(self.state.global_step, self.selector.probabilities)
+            if window["bandit_skipped"]:
+                logs["bandit_skipped"] = window["bandit_skipped"]
+            self._window = self._empty_window()
+        super().log(logs, start_time)
+
+    def _window_mean(self, total, steps):
+        total = torch.as_tensor(total, device=self.args.device, dtype=torch.float32)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, "mean")
+        return round(float(total) / steps, 6)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._set_requires_grad(None)
+            self._step_started = None
+            if self.selector is not None and self.args.should_save:
+                self.history.close_window(self.state.global_step, self.selector.probabilities)
+                self.history.save(self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if not self.args.save_only_model:
+            arm_names = [arm.name for arm in self.arms]
+            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback)
+        if self.selector is not None:
+            self.history.save(self.args.output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        if not has_sam_state(checkpoint):
+            logger.warning(
+                f"{checkpoint} has no SAM state (written by a stock Trainer?): resuming with a fresh selector "
+                "and lookback buffer."
+            )
+            return
+        names = {name for arm in self.arms for name in arm.param_names} | set(self.always_selected.param_names)
+        self._lookback = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector, self.history,
+                                        names)
+
+
+class SAMTrainer(SAMTrainerMixin, Trainer):
+    """Drop-in `transformers.Trainer` that trains with SL-SAM layer selection and (ZO-)SAM perturbation.
+
+    Same constructor as `Trainer`; configure it with `SAMTrainingArguments`.
+    """

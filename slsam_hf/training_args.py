@@ -1,0 +1,139 @@
+"""`SAMTrainingArguments`: every SL-SAM / ZO-SAM option as a `TrainingArguments` field with help text."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+SAM_MODES = ("none", "sam", "asam", "zo", "lookback")
+LAYER_SELECTIONS = ("all", "random", "bandit")
+ARM_GRANULARITIES = ("tensor", "block")
+BANDIT_REWARDS = ("normalized", "raw")
+
+
+@dataclass
+class SAMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the sharpness-aware and layer-selection options of `SAMTrainer`.
+
+    One step: pick arms S_t (`layer_selection`), find an ascent direction g on S_t (`sam_mode`), move to
+    theta + rho * g / ||g||, take the update gradient there with one backward pass on S_t, come back, and let
+    the base optimizer step.
+    """
+
+    sam_mode: str = field(
+        default="zo",
+        metadata={
+            "help": "How the ascent direction is found. 'zo': zero-order two-point estimate (2m no-grad forwards, "
+            "ZO-SAM); 'sam': first backward pass (SAM); 'asam': SAM scaled element-wise by |theta| (adaptive SAM, "
+            "use a ~10x larger sam_rho); 'lookback': the previous step's update gradient (no extra pass); "
+            "'none': no perturbation (plain training, equals Trainer with layer_selection='all').",
+            "choices": list(SAM_MODES),
+        },
+    )
+    sam_rho: float = field(
+        default=0.05, metadata={"help": "Perturbation radius rho: epsilon = rho * g / ||g||. 0 disables it."}
+    )
+    zo_num_directions: int = field(
+        default=1,
+        metadata={"help": "Random Gaussian directions m averaged by the zero-order estimate (2 forwards each)."},
+    )
+    zo_eps: float = field(
+        default=1e-3,
+        metadata={"help": "Finite-difference step delta of the zero-order estimate: (l(t+du) - l(t-du)) / 2delta."},
+    )
+    zo_probe_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of each micro-batch (leading rows) the zero-order probe forwards use, in (0, 1]: "
+            "trades the probe's cost against its noise."
+        },
+    )
+    layer_selection: str = field(
+        default="bandit",
+        metadata={
+            "help": "Which parameter tensors (arms) train each step. 'bandit': EXP3 over gradient norms (SL-SAM); "
+            "'random': uniform with the same budget; 'all': every trainable tensor (plain SAM / ZO-SAM).",
+            "choices": list(LAYER_SELECTIONS),
+        },
+    )
+    selection_budget: float = field(
+        default=0.2,
+        metadata={"help": "Budget s in (0, 1]: expected share of arms selected per step (sum of p = s * N)."},
+    )
+    bandit_lr: float = field(
+        default=1e-3, metadata={"help": "EXP3 learning rate alpha: w_i = p_i * exp(-alpha * loss_i / p_i)."}
+    )
+    bandit_reward: str = field(
+        default="normalized",
+        metadata={
+            "help": "Reward a_i of a selected arm. 'raw': its gradient norm (the released SL-SAM rule, not "
+            "scale-invariant); 'normalized': gradient norm divided by the largest among the selected arms.",
+            "choices": list(BANDIT_REWARDS),
+        },
+    )
+    bandit_min_prob: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Floor p_min of every arm's probability, in (0, selection_budget). SL-SAM's code uses 1e-8; "
+            "a real floor keeps every arm explored."
+        },
+    )
+    arm_granularity: str = field(
+        default="tensor",
+        metadata={
+            "help": "'tensor': one arm per trainable parameter tensor; 'block': one arm per transformer block "
+            "(indexed child of a top-level ModuleList) or other top-level module.",
+            "choices": list(ARM_GRANULARITIES),
+        },
+    )
+    always_selected: list[str] = field(
+        default_factory=lambda: ["auto"],
+        metadata={
+            "help": "Parameter-name regexes (re.search) that join every step's selection and are not bandit arms. "
+            "'auto': a newly initialised task head (classifier / score / qa_outputs weights missing from the "
+            "checkpoint) and PEFT modules_to_save; 'none': nothing (the paper's rule, the head is an arm).",
+            "nargs": "+",
+        },
+    )
+    sam_cosine_log_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every k optimizer steps, log ascent_cosine = cos(ascent direction, true gradient) on the "
+            "selected arms (one extra backward). 0 turns the diagnostic off."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.always_selected, str):
+            self.always_selected = [self.always_selected]
+        self._check_choice("sam_mode", SAM_MODES)
+        self._check_choice("layer_selection", LAYER_SELECTIONS)
+        self._check_choice("arm_granularity", ARM_GRANULARITIES)
+        self._check_choice("bandit_reward", BANDIT_REWARDS)
+        self._check_range("sam_rho", self.sam_rho >= 0, ">= 0")
+        self._check_range("zo_eps", self.zo_eps > 0, "> 0")
+        self._check_range("zo_num_directions", self.zo_num_directions >= 1, "an integer >= 1")
+        self._check_range("zo_probe_fraction", 0 < self.zo_probe_fraction <= 1, "in (0, 1]")
+        self._check_range("selection_budget", 0 < self.selection_budget <= 1, "in (0, 1]")
+        self._check_range("bandit_lr", self.bandit_lr >= 0, ">= 0")
+        self._check_range(
+            "bandit_min_prob", 0 < self.bandit_min_prob < self.selection_budget, "in (0, selection_budget)"
+        )
+        self._check_range("sam_cosine_log_steps", self.sam_cosine_log_steps >= 0, ">= 0")
+        if self.layer_selection != "all" and self.ddp_find_unused_parameters is None:
+            # Unselected arms get no gradient: DDP must not wait for them.
+            self.ddp_find_unused_parameters = True
+        if self.layer_selection != "all" and (self.activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "activation_checkpointing_kwargs={'use_reentrant': True} cannot be combined with "
+                f"layer_selection={self.layer_selection!r}: reentrant checkpointing gives no gradient to selected "
+                "tensors above a frozen input. Use {'use_reentrant': False} (the default) or layer_selection='all'."
+            )
+
+    def _check_choice(self, name, allowed):
+        if getattr(self, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+    def _check_range(self, name, ok, allowed):
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")

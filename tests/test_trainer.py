@@ -1,0 +1,291 @@
+"""SAMTrainer against independent reference computations and against stock `Trainer`."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import classification_data, lm_data, sam_args, tiny_bert, tiny_llama
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainerCallback, default_data_collator
+
+from slsam_hf import SAMTrainer
+from slsam_hf.ascent import gaussian_like
+from slsam_hf.trainer import derive_seed
+
+MODES = ["none", "sam", "asam", "zo", "lookback"]
+
+
+def lora(model):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    return get_peft_model(model, config)
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def batch(data, rows=4):
+    return default_data_collator([data[i] for i in range(rows)])
+
+
+def loss_and_grads(model, inputs, params):
+    loss = model(**inputs).loss
+    return loss, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_none_with_all_arms_is_stock_trainer_bit_for_bit(tmp_path, use_lora):
+    results = []
+    for trainer_cls in (Trainer, SAMTrainer):
+        model = lora(tiny_bert()) if use_lora else tiny_bert()
+        args = sam_args(tmp_path / trainer_cls.__name__, sam_mode="none", layer_selection="all", max_steps=5)
+        trainer = trainer_cls(model=model, args=args, train_dataset=classification_data())
+        trainer.train()
+        results.append(params_of(model))
+    stock, sam = results
+    assert stock.keys() == sam.keys()
+    for name in stock:
+        assert torch.equal(stock[name], sam[name]), name
+    moved = params_of(lora(tiny_bert()) if use_lora else tiny_bert())
+    assert any(not torch.equal(moved[n], sam[n]) for n in sam), "training did not move anything"
+
+
+def one_step_trainer(tmp_path, model, **overrides):
+    args = sam_args(tmp_path, layer_selection="all", sam_rho=0.1, **overrides)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data())
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+@pytest.mark.parametrize("mode", ["sam", "asam"])
+def test_first_order_update_gradient_matches_reference(tmp_path, mode):
+    model = tiny_bert(dropout=0.0)
+    reference = copy.deepcopy(model)
+    trainer = one_step_trainer(tmp_path, model, sam_mode=mode)
+    inputs = batch(classification_data())
+    before = params_of(model)
+    trainer.training_step(model, inputs)
+
+    params = list(reference.parameters())
+    _, g = loss_and_grads(reference, inputs, params)
+    with torch.no_grad():
+        if mode == "sam":  # e = rho g / ||g||
+            e = [0.1 * gi / torch.cat([x.flatten() for x in g]).norm() for gi in g]
+        else:  # ASAM: e = rho |w|^2 g / || |w| g ||
+            norm = torch.cat([(p.abs() * gi).flatten() for p, gi in zip(params, g)]).norm()
+            e = [0.1 * p.square() * gi / norm for p, gi in zip(params, g)]
+        for p, ei in zip(params, e):
+            p.add_(ei)
+    _, expected = loss_and_grads(reference, inputs, params)
+    for (name, p), ref in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, ref, atol=1e-6, rtol=1e-6, msg=name)
+        assert torch.equal(p.detach(), before[name]), f"{name} not restored exactly"
+
+
+def test_zero_order_update_gradient_matches_reference(tmp_path):
+    model = tiny_bert(dropout=0.0)
+    reference = copy.deepcopy(model)
+    trainer = one_step_trainer(tmp_path, model, sam_mode="zo", zo_eps=1e-2)
+    inputs = batch(classification_data())
+    before = params_of(model)
+    trainer.training_step(model, inputs)
+
+    params = list(reference.parameters())
+    generators = {}
+    u = [gaussian_like(p, generators, derive_seed(0, 0, 0)) for p in params]
+    with torch.no_grad():
+        for p, ui in zip(params, u):
+            p.add_(1e-2 * ui)
+        plus = reference(**inputs).loss
+        for p, ui in zip(params, u):
+            p.sub_(2e-2 * ui)
+        minus = reference(**inputs).loss
+        for p, ui in zip(params, u):
+            p.add_(1e-2 * ui)
+        c = (plus - minus) / 2e-2
+        norm = torch.cat([(c * ui).flatten() for ui in u]).norm()
+        for p, ui in zip(params, u):
+            p.add_(0.1 * c * ui / norm)
+    _, expected = loss_and_grads(reference, inputs, params)
+    for (name, p), ref in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, ref, atol=1e-5, rtol=1e-4, msg=name)
+        assert torch.equal(p.detach(), before[name]), f"{name} not restored exactly"
+
+
+class StepRecorder(TrainerCallback):
+    """Per optimizer step: parameters and AdamW state before, which tensors had a gradient, and after."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.steps.append({"before": params_of(model), "state_before": self._opt_state(model, optimizer)})
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps[-1]["with_grad"] = {n for n, p in model.named_parameters() if p.grad is not None}
+        self.steps[-1]["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.steps[-1]["after"] = params_of(model)
+        self.steps[-1]["state_after"] = self._opt_state(model, optimizer)
+
+    @staticmethod
+    def _opt_state(model, optimizer):
+        return {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()
+                if p in optimizer.state}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unselected_arms_get_no_gradient_no_update_no_adamw_state(tmp_path, mode):
+    model = tiny_bert()
+    recorder = StepRecorder()
+    args = sam_args(tmp_path, sam_mode=mode, layer_selection="bandit", max_steps=4, weight_decay=0.1)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data(), callbacks=[recorder])
+    trainer.train()
+    all_names = {n for n, _ in model.named_parameters()}
+    head = {"classifier.weight", "classifier.bias"}
+    for step in recorder.steps:
+        assert head <= step["with_grad"], "the new task head is always selected"
+        frozen = all_names - step["with_grad"]
+        assert frozen, "budget 0.2 must leave arms out"
+        for name in frozen:
+            assert torch.equal(step["before"][name], step["after"][name]), name
+            before, after = step["state_before"].get(name), step["state_after"].get(name)
+            assert (before is None) == (after is None), name
+            if before is not None:
+                assert all(torch.equal(before[k], after[k]) for k in before), name
+        assert any(not torch.equal(step["before"][n], step["after"][n]) for n in step["with_grad"])
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad restored after training"
+
+
+def test_optimizer_holds_every_arm(tmp_path):
+    model = tiny_bert()
+    trainer = SAMTrainer(model=model, args=sam_args(tmp_path), train_dataset=classification_data())
+    trainer.train()
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters()}
+
+
+def selections(tmp_path, seed):
+    args = sam_args(tmp_path, max_steps=6, seed=seed)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    return trainer.history.counts
+
+
+def test_same_seed_same_selection(tmp_path):
+    first, second = selections(tmp_path / "a", 0), selections(tmp_path / "b", 0)
+    assert first == second and len(first) == 6
+    assert selections(tmp_path / "c", 1) != first
+
+
+class GradCapture(TrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+class RecordingSAMTrainer(SAMTrainer):
+    """Records each micro-batch and its num_items_in_batch, for reference computations."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = getattr(self, "seen", []) + [({k: v.clone() for k, v in inputs.items()}, num_items_in_batch)]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def run_lm(tmp_path, rho, accumulation, batch_size):
+    capture = GradCapture()
+    model = tiny_llama()
+    args = sam_args(tmp_path, sam_mode="sam", sam_rho=rho, layer_selection="all", max_steps=1, max_grad_norm=0,
+                    per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                    train_sampling_strategy="sequential")
+    trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=lm_data(n=8), callbacks=[capture])
+    trainer.train()
+    return trainer, capture.grads[0]
+
+
+def test_accumulation_with_rho_zero_equals_one_big_batch(tmp_path):
+    _, accumulated = run_lm(tmp_path / "ga", 0.0, accumulation=4, batch_size=2)
+    _, big = run_lm(tmp_path / "big", 0.0, accumulation=1, batch_size=8)
+    assert accumulated.keys() == big.keys()
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_accumulation_with_rho_sums_per_micro_batch_references(tmp_path):
+    trainer, accumulated = run_lm(tmp_path, 0.05, accumulation=4, batch_size=2)
+    reference = tiny_llama()
+    params = list(reference.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for inputs, num_items in trainer.seen:
+        def loss_fn():
+            out = reference(**inputs, num_items_in_batch=num_items)
+            return out.loss
+        g = torch.autograd.grad(loss_fn(), params)
+        norm = torch.cat([x.flatten() for x in g]).norm()
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.add_(0.05 * gi / norm)
+        for t, gi in zip(total, torch.autograd.grad(loss_fn(), params)):
+            t += gi
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    assert len(trainer.seen) == 4
+    for (name, _), ref in zip(reference.named_parameters(), total):
+        torch.testing.assert_close(accumulated[name], ref, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_autocast_on_cpu_runs_every_mode(tmp_path, mode):
+    args = sam_args(tmp_path, sam_mode=mode, bf16=True, max_steps=3)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_bf16_weights_are_restored_exactly(tmp_path):
+    model = tiny_bert(dropout=0.0).to(torch.bfloat16)
+    for mode in ("zo", "sam", "asam"):
+        trainer = one_step_trainer(tmp_path / mode, model, sam_mode=mode)
+        before = params_of(model)
+        trainer.training_step(model, batch(classification_data()))
+        assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()), mode
+        model.zero_grad()
+
+
+def test_logs_and_selection_history(tmp_path):
+    args = sam_args(tmp_path, sam_mode="sam", max_steps=4, logging_steps=1)
+    model = tiny_bert()
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data())
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 4
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
+    for log, counts in zip(logs, trainer.history.counts):
+        for key in ("loss_perturbed", "sharpness", "selected_arms", "bandit_entropy"):
+            assert key in log
+        active = head + sum(arm.numel for arm, c in zip(trainer.arms, counts) if c)
+        assert log["active_param_ratio"] == pytest.approx(active / total)
+        assert log["selected_arms"] == sum(counts)
+        assert log["sharpness"] == pytest.approx(log["loss_perturbed"] - log["loss"], abs=1e-5)
+    with open(os.path.join(tmp_path, "selection_history.json")) as f:
+        history = json.load(f)
+    assert history["arm_names"] == [arm.name for arm in trainer.arms]
+    assert len(history["counts"]) == 4 and len(history["probabilities"][0]) == len(trainer.arms)
+    assert os.path.getsize(os.path.join(tmp_path, "selection_heatmap.png")) > 1000
+
+
+def test_cosine_diagnostic_is_logged(tmp_path):
+    args = sam_args(tmp_path, sam_mode="zo", max_steps=2, sam_cosine_log_steps=1, zo_num_directions=4)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    cosines = [log["ascent_cosine"] for log in trainer.state.log_history if "ascent_cosine" in log]
+    assert len(cosines) == 2 and all(-1 <= c <= 1 for c in cosines)
