@@ -42,7 +42,7 @@ def zero_order_direction(
             torch._foreach_add_(params, u, alpha=-2 * eps)
             loss_minus = loss_fn()
             torch._foreach_copy_(params, backup)
-            c = float((loss_plus.float() - loss_minus.float()) / (2 * eps))
+            c = float((loss_plus.double() - loss_minus.double()) / (2 * eps))
             if not math.isfinite(c):
                 return None
             if c == 0:
@@ -62,8 +62,9 @@ def gaussian_like(param: torch.Tensor, generators: dict, seed: int) -> torch.Ten
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """||tensors||_2 over the whole list, accumulated in float32."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]))
+    """||tensors||_2 over the whole list, accumulated in at least float32."""
+    norms = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ class SelectionHistory:
             "window_steps": self.window_steps,
             "counts": self.counts,
             "probabilities": self.probabilities,
+            "open_window": {"steps": self._steps, "counts": self._counts.tolist()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -49,6 +50,8 @@ class SelectionHistory:
             raise ValueError("selection history names other arms than this model has")
         for key in ("steps", "window_steps", "counts", "probabilities"):
             setattr(self, key, list(state[key]))
+        self._steps = int(state["open_window"]["steps"])
+        self._counts = np.asarray(state["open_window"]["counts"], dtype=np.int64).reshape(len(self.arm_names))
 
     def save(self, output_dir: str) -> None:
         """Write `selection_history.json` and, when matplotlib is installed, `selection_heatmap.png`."""

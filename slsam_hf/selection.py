@@ -6,31 +6,25 @@ import numpy as np
 def project_to_budget(weights: np.ndarray, total: float, min_prob: float) -> np.ndarray:
     """Project weights onto {sum(p) = total, min_prob <= p <= 1}: p_i = clip(c * w_i, min_prob, 1).
 
-    c is found by bisection, then solved exactly on the arms left strictly inside the bounds. With
-    min_prob -> 0 this is SL-SAM's rule (cap the largest weights at 1, rescale the rest to the remaining budget).
+    f(c) = sum_i clip(c * w_i, min_prob, 1) is piecewise linear in c with kinks at min_prob / w_i and 1 / w_i;
+    c is read off exactly on the segment where f crosses `total`. With min_prob -> 0 this is SL-SAM's rule
+    (cap the largest weights at 1, rescale the rest to the remaining budget).
     """
-    w = np.maximum(np.asarray(weights, dtype=np.float64), 0.0)
+    w = np.asarray(weights, dtype=np.float64)
     n = len(w)
     if not n * min_prob <= total <= n:
         raise ValueError(f"cannot spread a budget of {total} over {n} arms with probabilities in [{min_prob}, 1]")
-    if total == n:
-        return np.ones(n)
-    positive = w[w > 0]
-    if positive.size == 0:
+    if not w.max() > 0:
         return np.full(n, total / n)
-    low, high = 0.0, 1.0 / positive.min()
-    for _ in range(200):
-        c = 0.5 * (low + high)
-        if np.clip(c * w, min_prob, 1.0).sum() < total:
-            low = c
-        else:
-            high = c
-    p = np.clip(high * w, min_prob, 1.0)
-    free = (p > min_prob) & (p < 1.0)
-    if free.any():
-        fixed = p[~free].sum()
-        p[free] = np.clip(w[free] * (total - fixed) / w[free].sum(), min_prob, 1.0)
-    return p
+    w = np.maximum(w / w.max(), 1e-300)  # scale-free; keeps 1 / w finite
+    kinks = np.unique(np.concatenate([min_prob / w, 1.0 / w]))
+    f = np.clip(kinks[:, None] * w[None, :], min_prob, 1.0).sum(axis=1)
+    k = min(np.searchsorted(f, total), len(kinks) - 1)
+    if k == 0 or f[k] == f[k - 1]:
+        c = kinks[k]
+    else:
+        c = kinks[k - 1] + (total - f[k - 1]) * (kinks[k] - kinks[k - 1]) / (f[k] - f[k - 1])
+    return np.clip(c * w, min_prob, 1.0)
 
 
 class UniformSelector:

@@ -1,0 +1,73 @@
+"""Arm grouping: tensors or blocks, and which tensors are always selected."""
+
+import pytest
+from conftest import tiny_bert, tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from slsam_hf.arms import group_arms
+
+
+def names(arms):
+    return [arm.name for arm in arms]
+
+
+def test_tensor_arms_leave_the_new_head_always_selected():
+    model = tiny_bert()
+    arms, always = group_arms(model, "tensor", ["auto"])
+    assert always.param_names == ["classifier.weight", "classifier.bias"]
+    assert names(arms) == [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+    assert all(len(arm.params) == 1 for arm in arms)
+
+
+def test_loaded_head_is_an_arm_and_none_makes_every_tensor_an_arm():
+    model = tiny_bert()
+    for p in model.classifier.parameters():
+        p._is_hf_initialized = True  # what from_pretrained sets on weights it loaded from the checkpoint
+    arms, always = group_arms(model, "tensor", ["auto"])
+    assert always.params == [] and "classifier.weight" in names(arms)
+    arms, always = group_arms(tiny_bert(), "tensor", ["none"])
+    assert always.params == [] and len(arms) == len(list(tiny_bert().parameters()))
+
+
+def test_custom_patterns():
+    arms, always = group_arms(tiny_bert(), "tensor", [r"LayerNorm", r"^bert\.pooler\."])
+    assert always.param_names and all("LayerNorm" in n or n.startswith("bert.pooler.") for n in always.param_names)
+    assert not any("LayerNorm" in n for n in names(arms))
+
+
+def test_block_arms_of_an_encoder():
+    arms, always = group_arms(tiny_bert(), "block", ["auto"])
+    assert names(arms) == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler"]
+    assert sum(arm.numel for arm in arms) + sum(p.numel() for p in always.params) == sum(
+        p.numel() for p in tiny_bert().parameters())
+
+
+def test_block_arms_of_a_decoder_with_tied_head():
+    arms, always = group_arms(tiny_llama(), "block", ["auto"])
+    # lm_head is tied to embed_tokens: one tensor, one arm, and not "always selected".
+    assert names(arms) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm"]
+    assert always.params == []
+
+
+def test_lora_arms_are_adapter_tensors_and_modules_to_save_is_always_selected():
+    config = LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(tiny_bert(), config)
+    arms, always = group_arms(model, "tensor", ["auto"])
+    assert len(arms) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    assert all(".lora_A." in n or ".lora_B." in n for n in names(arms))
+    assert always.param_names == ["base_model.model.classifier.modules_to_save.default.weight",
+                                  "base_model.model.classifier.modules_to_save.default.bias"]
+    blocks, _ = group_arms(model, "block", ["auto"])
+    assert names(blocks) == ["base_model.model.bert.encoder.layer.0", "base_model.model.bert.encoder.layer.1"]
+
+
+def test_frozen_parameters_are_not_arms():
+    model = tiny_bert()
+    model.bert.embeddings.requires_grad_(False)
+    arms, _ = group_arms(model, "tensor", ["auto"])
+    assert not any(n.startswith("bert.embeddings.") for n in names(arms))
+
+
+def test_unknown_granularity():
+    with pytest.raises(ValueError, match="arm_granularity"):
+        group_arms(tiny_bert(), "layer", ["auto"])

@@ -1,0 +1,123 @@
+"""Ascent directions and the perturbation, on small functions with known gradients."""
+
+import pytest
+import torch
+
+from slsam_hf.ascent import (
+    cosine_similarity,
+    first_order_direction,
+    gaussian_like,
+    perturb,
+    restore,
+    zero_order_direction,
+)
+
+
+def quadratic(params, a, b):
+    """l(x, y) = sum(a * x^2) + sum(b * y): gradient (2 a x, b)."""
+    x, y = params
+    return (a * x * x).sum() + (b * y).sum()
+
+
+def make_problem(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(11, generator=g).to(dtype).requires_grad_()
+    a = torch.rand(7, 5, generator=g).to(dtype) + 0.5
+    b = torch.randn(11, generator=g).to(dtype)
+    return [x, y], a, b
+
+
+def test_zero_order_direction_equals_reference():
+    params, a, b = make_problem(torch.float64)
+    eps = 1e-2
+    direction = zero_order_direction(lambda: quadratic(params, a, b), params, num_directions=3, eps=eps, seed=42)
+    g = torch.Generator().manual_seed(42)
+    expected = [torch.zeros_like(p) for p in params]
+    with torch.no_grad():
+        for _ in range(3):
+            u = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+            plus = quadratic([p + eps * ui for p, ui in zip(params, u)], a, b)
+            minus = quadratic([p - eps * ui for p, ui in zip(params, u)], a, b)
+            for e, ui in zip(expected, u):
+                e += (plus - minus) / (2 * eps) * ui / 3
+    for d, e in zip(direction, expected):
+        torch.testing.assert_close(d, e, rtol=1e-9, atol=1e-12)
+
+
+def test_zero_order_mean_points_along_true_gradient():
+    params, a, b = make_problem(torch.float64)
+    true = torch.autograd.grad(quadratic(params, a, b), params)
+    direction = zero_order_direction(lambda: quadratic(params, a, b), params, num_directions=2000, eps=1e-3, seed=0)
+    assert cosine_similarity(direction, list(true)) > 0.9
+    single = zero_order_direction(lambda: quadratic(params, a, b), params, num_directions=1, eps=1e-3, seed=0)
+    assert cosine_similarity(single, list(true)) < 0.9  # one direction alone is a poor estimate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_order_restores_weights_bit_exactly(dtype):
+    params, a, b = make_problem(dtype)
+    before = [p.detach().clone() for p in params]
+    zero_order_direction(lambda: quadratic(params, a, b), params, num_directions=4, eps=1e-2, seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_zero_order_tie_gives_no_direction_and_no_nan():
+    params, _, _ = make_problem()
+    before = [p.detach().clone() for p in params]
+    assert zero_order_direction(lambda: torch.tensor(1.0), params, num_directions=3, seed=0) is None
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_zero_order_non_finite_loss_gives_no_direction_and_restores():
+    params, a, b = make_problem()
+    before = [p.detach().clone() for p in params]
+    calls = iter([torch.tensor(1.0), torch.tensor(float("nan"))])
+    assert zero_order_direction(lambda: next(calls), params, seed=0) is None
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_gaussian_draws_follow_the_seed():
+    p = torch.zeros(3, 4)
+    first = gaussian_like(p, {}, 5)
+    assert torch.equal(first, gaussian_like(p, {}, 5))
+    assert torch.equal(first, torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_first_order_direction_is_gradient_and_leaves_grad_alone():
+    params, a, b = make_problem()
+    params[0].grad = torch.ones_like(params[0])
+    unused = torch.zeros(3, requires_grad=True)
+    direction = first_order_direction(quadratic(params, a, b), params + [unused])
+    torch.testing.assert_close(direction[0], 2 * a * params[0].detach())
+    torch.testing.assert_close(direction[1], b)
+    assert torch.equal(direction[2], torch.zeros(3))
+    assert torch.equal(params[0].grad, torch.ones_like(params[0]))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_moves_by_rho_and_restore_is_exact(adaptive):
+    params, a, b = make_problem()
+    before = [p.detach().clone() for p in params]
+    direction = [torch.randn_like(p) for p in params]
+    backup = perturb(params, direction, rho=0.05, adaptive=adaptive)
+    step = [p.detach() - q for p, q in zip(params, before)]
+    if adaptive:  # e = rho |w|^2 g / || |w| g ||
+        norm = torch.cat([(q.abs() * d).flatten() for q, d in zip(before, direction)]).norm()
+        expected = [0.05 * q.square() * d / norm for q, d in zip(before, direction)]
+    else:  # e = rho g / ||g||
+        norm = torch.cat([d.flatten() for d in direction]).norm()
+        expected = [0.05 * d / norm for d in direction]
+    for s, e in zip(step, expected):
+        torch.testing.assert_close(s, e, rtol=1e-4, atol=1e-6)
+    restore(params, backup)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("inf"), float("nan")])
+def test_perturb_refuses_zero_or_non_finite_direction(bad):
+    params, _, _ = make_problem()
+    before = [p.detach().clone() for p in params]
+    direction = [torch.full_like(p, bad) for p in params]
+    assert perturb(params, direction, rho=0.05) is None
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
