@@ -1,0 +1,149 @@
+"""Faults and unsupported setups: non-finite probes and ascent gradients, loss scaling, unused arms, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import classification_data, sam_args, tiny_bert
+from transformers import Trainer, TrainingArguments
+
+from slsam_hf import SAMTrainer
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train(trainer_cls, tmp_path, model=None, scaler=None, **overrides):
+    model = model or tiny_bert(dropout=0.0)
+    trainer = trainer_cls(model=model, args=sam_args(tmp_path, **overrides), train_dataset=classification_data())
+    if scaler is not None:  # simulated fp16 loss scaling on CPU: accelerate's backward, unscale and step use it
+        trainer.accelerator.scaler = scaler
+    trainer.train()
+    return trainer
+
+
+class NanProbe(SAMTrainer):
+    """Every zero-order probe forward (eval mode) returns a NaN loss."""
+
+    def compute_loss(self, model, inputs, **kwargs):
+        loss = super().compute_loss(model, inputs, **kwargs)
+        return loss * float("nan") if not model.training else loss
+
+
+class InfAscent(SAMTrainer):
+    """The first-order ascent pass (the first compute_loss of each micro-batch) returns an infinite loss."""
+
+    calls = 0
+
+    def compute_loss(self, model, inputs, **kwargs):
+        loss = super().compute_loss(model, inputs, **kwargs)
+        self.calls += 1
+        return loss * float("inf") if self.calls % 2 == 1 else loss
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0], ids=["fp32", "loss-scaled"])
+@pytest.mark.parametrize("faulty, mode", [(NanProbe, "zo"), (InfAscent, "sam"), (InfAscent, "asam")])
+def test_non_finite_probe_or_ascent_falls_back_to_a_plain_step(tmp_path, faulty, mode, loss_scale):
+    scalers = [None, None] if loss_scale is None else [torch.amp.GradScaler("cpu", init_scale=loss_scale)
+                                                       for _ in range(2)]
+    stock = train(Trainer, tmp_path / "stock", scaler=scalers[0], max_steps=3)
+    sam = train(faulty, tmp_path / "sam", scaler=scalers[1], sam_mode=mode, layer_selection="all", max_steps=3)
+    stock_params, sam_params = params_of(stock.model), params_of(sam.model)
+    for name in stock_params:
+        assert torch.equal(stock_params[name], sam_params[name]), name
+    assert sum(log.get("perturbation_skipped", 0) for log in sam.state.log_history) == 3
+    if loss_scale is not None:
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+def test_non_finite_probe_leaves_bandit_finite(tmp_path):
+    trainer = train(NanProbe, tmp_path, sam_mode="zo", layer_selection="bandit", max_steps=4, bandit_lr=0.5)
+    assert np.all(np.isfinite(trainer.selector.probabilities))
+    assert trainer.selector.probabilities.sum() == pytest.approx(0.2 * len(trainer.arms))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+class Loud:
+    """Multiplies the loss by 1e4, so that a loss scale of 2**127 overflows every gradient."""
+
+    def compute_loss(self, model, inputs, **kwargs):
+        return super().compute_loss(model, inputs, **kwargs) * 1e4
+
+
+def test_overflowing_loss_scale_skips_perturbation_and_step_like_stock(tmp_path):
+    """fp16-style loss scaling where every gradient overflows: SAMTrainer neither perturbs nor steps, and the
+    scaler backs off exactly as under stock Trainer."""
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**127) for _ in range(2)]
+    initial = params_of(tiny_bert(dropout=0.0))
+    stock = train(type("LoudTrainer", (Loud, Trainer), {}), tmp_path / "stock", scaler=scalers[0], max_steps=2)
+    sam = train(type("LoudSAM", (Loud, SAMTrainer), {}), tmp_path / "sam", scaler=scalers[1], sam_mode="sam",
+                layer_selection="all", max_steps=2)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**125
+    for name, value in params_of(sam.model).items():
+        assert torch.equal(value, initial[name]), name
+        assert torch.equal(value, params_of(stock.model)[name]), name
+    assert sum(log.get("perturbation_skipped", 0) for log in sam.state.log_history) == 2
+
+
+def test_loss_scale_does_not_change_the_sam_step(tmp_path):
+    """With a finite loss scale, SAM's direction is scale-invariant and gradients are unscaled before the step:
+    the trajectory equals the unscaled one (to float tolerance)."""
+    # No clipping: accelerate unscales before clipping only under real fp16, which this CPU cannot run.
+    kwargs = dict(sam_mode="sam", layer_selection="all", max_steps=3, max_grad_norm=0)
+    plain = train(SAMTrainer, tmp_path / "plain", **kwargs)
+    scaled = train(SAMTrainer, tmp_path / "scaled", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0), **kwargs)
+    for name, value in params_of(plain.model).items():
+        torch.testing.assert_close(params_of(scaled.model)[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_selected_arm_without_gradient_keeps_bandit_bookkeeping(tmp_path):
+    model = tiny_bert()
+    model.unused = torch.nn.Linear(4, 4)  # a trainable tensor the forward never touches
+    trainer = train(SAMTrainer, tmp_path, model=model, sam_mode="zo", selection_budget=0.5, bandit_lr=0.5,
+                    max_steps=8)
+    names = [arm.name for arm in trainer.arms]
+    unused = names.index("unused.weight")
+    assert any(counts[unused] for counts in trainer.history.counts), "the unused arm was never selected"
+    probs = trainer.selector.probabilities
+    assert np.all(np.isfinite(probs)) and probs.sum() == pytest.approx(0.5 * len(names))
+    assert probs[unused] < 0.5, "zero reward must lower the unused arm's probability"
+    assert model.unused.weight.grad is None
+
+
+def test_needs_sam_training_arguments(tmp_path):
+    with pytest.raises(TypeError, match="SAMTrainingArguments"):
+        SAMTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
+
+def test_model_without_trainable_parameters(tmp_path):
+    model = tiny_bert().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SAMTrainer(model=model, args=sam_args(tmp_path))
+
+
+def test_selection_with_every_tensor_always_selected(tmp_path):
+    with pytest.raises(ValueError, match="no arms to choose from"):
+        SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, always_selected=[".*"]))
+    SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, always_selected=[".*"], layer_selection="all"))
+
+
+def pretend(attribute):
+    """A SAMTrainer whose accelerator set-up reports `attribute` (DeepSpeed / FSDP cannot start on this CPU)."""
+
+    class Pretending(SAMTrainer):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            setattr(self, attribute, True)
+
+    return Pretending
+
+
+def test_deepspeed_is_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        pretend("is_deepspeed_enabled")(model=tiny_bert(), args=sam_args(tmp_path))
+
+
+def test_fsdp_is_refused_unless_plain_training(tmp_path):
+    with pytest.raises(ValueError, match="FSDP only with sam_mode='none'"):
+        pretend("is_fsdp_enabled")(model=tiny_bert(), args=sam_args(tmp_path))
+    pretend("is_fsdp_enabled")(model=tiny_bert(), args=sam_args(tmp_path, sam_mode="none", layer_selection="all"))
