@@ -93,6 +93,13 @@ class SAMTrainerMixin:
                 "SAMTrainer does not support torch.nn.DataParallel (several GPUs in one process); launch one "
                 "process per GPU with `accelerate launch` or `torchrun` (DDP)."
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            raise ValueError(
+                f"{launched} processes were launched (WORLD_SIZE={launched}) but joined no process group, so each "
+                "would train alone; on a machine without GPUs pass --use_cpu (use_cpu=True) so that they join over "
+                "gloo (see accelerate_configs/cpu_2proc.yaml)."
+            )
 
     # ----------------------------------------------------------------------------------------------- the step
 
