@@ -295,6 +295,9 @@ def tokenize_records(records: Dataset, tokenizer, data_args: DataArguments) -> D
     if len(kept) < len(tokenized):
         logger.warning(f"dropped {len(tokenized) - len(kept)} of {len(tokenized)} records: no response token fits "
                        f"in max_seq_length={data_args.max_seq_length}")
+    if len(kept) == 0:
+        raise ValueError(f"no record has a response token left after truncation to max_seq_length="
+                         f"{data_args.max_seq_length}; raise --max_seq_length")
     return kept
 
 

@@ -256,6 +256,26 @@ def load_metric(task_name: Optional[str], is_regression: bool):
         return evaluate.load(str(OFFLINE_METRIC), config)
 
 
+def tokenize(dataset, tokenizer, fields: list, max_length: int, limit: Optional[int] = None):
+    """The first `limit` rows with their one or two text `fields` tokenized; every column but 'label' dropped."""
+    dataset = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    return dataset.map(lambda batch: tokenizer(*(batch[name] for name in fields), truncation=True,
+                                               max_length=max_length),
+                       batched=True, remove_columns=[name for name in dataset.column_names if name != "label"])
+
+
+def predicted(logits, is_regression: bool) -> np.ndarray:
+    """Class ids (argmax), or the single output of a regression head."""
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return logits[:, 0] if is_regression else np.argmax(logits, axis=1)
+
+
+def metric_function(metric, is_regression: bool):
+    """`compute_metrics` for Trainer: the GLUE metric of the predictions against the labels."""
+    return lambda output: metric.compute(predictions=predicted(output.predictions, is_regression),
+                                         references=output.label_ids)
+
+
 def write_predictions(path: Path, predictions: np.ndarray, labels: list) -> None:
     """A GLUE submission file: index<TAB>prediction, label names for classification, scores for regression."""
     with open(path, "w") as f:
@@ -306,25 +326,11 @@ def main():
     fields = text_columns(raw, task_name)
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
-    def tokenize(batch):
-        return tokenizer(*(batch[name] for name in fields), truncation=True, max_length=max_length)
-
     def prepare(split, limit):
-        dataset = raw[split] if limit is None else raw[split].select(range(min(limit, len(raw[split]))))
         with training_args.main_process_first(desc=f"tokenizing {split}"):
-            return dataset.map(tokenize, batched=True, desc=f"tokenizing {split}",
-                               remove_columns=[name for name in dataset.column_names if name != "label"])
+            return tokenize(raw[split], tokenizer, fields, max_length, limit)
 
     eval_sets = {name: prepare(split, data_args.max_eval_samples) for name, split in eval_splits.items()}
-    metric = load_metric(task_name, is_regression)
-
-    def predicted(logits):
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return logits[:, 0] if is_regression else np.argmax(logits, axis=1)
-
-    def compute_metrics(prediction):
-        return metric.compute(predictions=predicted(prediction.predictions), references=prediction.label_ids)
-
     train_dataset = prepare("train", data_args.max_train_samples) if training_args.do_train else None
     trainer = SAMTrainer(
         model=model,
@@ -333,7 +339,7 @@ def main():
         # A dict makes Trainer prefix each set's metrics: eval_matched_accuracy, eval_mismatched_accuracy.
         eval_dataset=eval_sets.get("", eval_sets) or None,
         processing_class=tokenizer,
-        compute_metrics=compute_metrics,
+        compute_metrics=metric_function(load_metric(task_name, is_regression), is_regression),
     )
 
     if training_args.do_train:
@@ -359,7 +365,7 @@ def main():
             output = trainer.predict(dataset.remove_columns("label") if "label" in dataset.column_names else dataset)
             if trainer.is_world_process_zero():
                 path = Path(training_args.output_dir) / f"{stem}{SUBMISSION_TAGS.get(name, '-' + name)}.tsv"
-                write_predictions(path, predicted(output.predictions), labels)
+                write_predictions(path, predicted(output.predictions, is_regression), labels)
                 logger.info("predictions on the %s split written to %s", split, path)
 
 

@@ -128,7 +128,7 @@ def test_every_shipped_benchmark_builds_its_documents(tokenizer):
 
 
 def heldout_set(tokenizer, **overrides):
-    data_args = eval_llm.DataArguments(heldout_size=5, max_seq_length=96, **overrides)
+    data_args = eval_llm.DataArguments(**{"heldout_size": 5, "max_seq_length": 96, **overrides})
     records = eval_llm.split_heldout(eval_llm.load_records(data_args), data_args.heldout_size, seed=42)[1]
     return records, eval_llm.tokenize_records(records, tokenizer, data_args)
 
@@ -186,3 +186,8 @@ def test_command_line_with_lora_adapter(model, tokenizer, tmp_path):
     assert expected != pytest.approx(direct_loss(model, tokenized), rel=1e-3), "the adapter changes nothing"
     assert report["heldout"]["loss"] == pytest.approx(expected, rel=1e-4)
     assert 0 <= report["benchmarks"]["arc_easy"]["acc,none"] <= 1 and report["limit"] == 3
+
+
+def test_truncation_that_leaves_no_response_token_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="raise --max_seq_length"):
+        heldout_set(tokenizer, max_seq_length=8)

@@ -222,16 +222,14 @@ def test_accumulation_with_rho_sums_per_micro_batch_references(tmp_path):
     params = list(reference.parameters())
     total = [torch.zeros_like(p) for p in params]
     for inputs, num_items in trainer.seen:
-        def loss_fn():
-            out = reference(**inputs, num_items_in_batch=num_items)
-            return out.loss
-        g = torch.autograd.grad(loss_fn(), params)
+        g = torch.autograd.grad(reference(**inputs, num_items_in_batch=num_items).loss, params)
         norm = torch.cat([x.flatten() for x in g]).norm()
         backup = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, gi in zip(params, g):
                 p.add_(0.05 * gi / norm)
-        for t, gi in zip(total, torch.autograd.grad(loss_fn(), params)):
+        perturbed = torch.autograd.grad(reference(**inputs, num_items_in_batch=num_items).loss, params)
+        for t, gi in zip(total, perturbed):
             t += gi
         with torch.no_grad():
             for p, b in zip(params, backup):

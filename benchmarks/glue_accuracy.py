@@ -1,0 +1,224 @@
+"""GLUE dev metrics of each SAM variant fine-tuning the real MiniLM, at equal steps and at equal training time.
+
+    HF_HUB_OFFLINE=1 python benchmarks/glue_accuracy.py --tasks mrpc rte --seeds 0 --max_train_samples 1000
+
+Data loading and the official metrics come from recipes/run_glue.py. Per (task, seed) AdamW runs first; its
+training time (the sum of its optimizer-step times, evaluation excluded) is every other method's budget. Each run
+trains the full schedule (budget 'steps': same epochs, learning rate and batches for all) and is also evaluated at
+the step where its own training time passes AdamW's (budget 'time'); a method that is done within the budget
+reports its final model for both. Every result is a line of <output_dir>/glue_accuracy.jsonl, keyed by (task,
+method, seed, budget, setting); keys already there are skipped, so the grid can run in parts and resume.
+"""
+
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    HfArgumentParser,
+    TrainerCallback,
+    set_seed,
+)
+
+from slsam_hf import SAMTrainer, SAMTrainingArguments
+from slsam_hf.assets import MINILM, resolve_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import run_glue
+from step_cost import METHODS as COST_METHODS
+from step_cost import check_names, read_jsonl, setting_key
+
+# The step-cost methods plus the default mode with the paper's rule: the task head is a bandit arm too.
+METHODS = {**COST_METHODS, "sl_zo_paper": {"sam_mode": "zo", "layer_selection": "bandit", "always_selected": ["none"]}}
+
+
+@dataclass
+class GlueAccuracyArguments:
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc", "rte"], metadata={"help": "GLUE tasks."})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"From {list(METHODS)}."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs, the same for every method."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate, the same for every method."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example (longer ones are truncated)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first n training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first n dev examples."})
+    selection_budget: float = field(default=0.2, metadata={"help": "selection_budget of the selection methods."})
+    budget_clock: str = field(
+        default="cpu",
+        metadata={"help": "Clock of the time budget. 'cpu': process CPU time of the optimizer steps (robust on a "
+                          "machine shared with other jobs); 'wall': their wall-clock time (use it on a GPU).",
+                  "choices": ["cpu", "wall"]},
+    )
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where glue_accuracy.jsonl goes."})
+
+    def __post_init__(self):
+        check_names("tasks", self.tasks, run_glue.TASKS)
+        check_names("methods", self.methods, METHODS)
+        if self.budget_clock not in ("cpu", "wall"):
+            raise ValueError(f"budget_clock must be 'cpu' or 'wall', got {self.budget_clock!r}")
+
+    @property
+    def setting(self) -> str:
+        """What makes two results comparable besides (task, method, seed, budget)."""
+        return setting_key(self, ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_seq_length",
+                                  "max_train_samples", "max_eval_samples", "selection_budget", "budget_clock"))
+
+
+class TrainingClock(TrainerCallback):
+    """Sums the wall and CPU time of optimizer steps; once the `clock` sum passes `budget` seconds, asks for an
+    evaluation at that step and keeps its step, times and metrics."""
+
+    def __init__(self, clock: str, budget: float | None):
+        self.clock, self.budget = clock, budget
+        self.seconds = {"wall": 0.0, "cpu": 0.0}
+        self.budget_step = self.budget_seconds = self.budget_metrics = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._begin = {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds["wall"] += time.perf_counter() - self._begin["wall"]
+        self.seconds["cpu"] += time.process_time() - self._begin["cpu"]
+        if self.budget is not None and self.budget_step is None and self.seconds[self.clock] >= self.budget:
+            self.budget_step, self.budget_seconds = state.global_step, dict(self.seconds)
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == self.budget_step and self.budget_metrics is None:
+            self.budget_metrics = dict(metrics)
+
+
+def glue_data(task: str, tokenizer, args: GlueAccuracyArguments):
+    """(train, dev, compute_metrics) for a shipped GLUE task, through recipes/run_glue.py."""
+    raw = run_glue.load_raw_datasets(run_glue.DataTrainingArguments(task_name=task), cache_dir=None)
+    raw = run_glue.encode_labels(raw, run_glue.label_names(raw, task))
+    fields = run_glue.text_columns(raw, task)
+    train, dev = (run_glue.tokenize(raw[split], tokenizer, fields, args.max_seq_length, limit)
+                  for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)))
+    return train, dev, run_glue.metric_function(run_glue.load_metric(task, is_regression=False), is_regression=False)
+
+
+def train_one(args: GlueAccuracyArguments, task: str, method: str, seed: int, budget: float | None) -> tuple:
+    """Fine-tune MiniLM once; returns (metrics at the end, metrics at the time budget or None, clock, trainer)."""
+    set_seed(seed)
+    path = resolve_model(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    train, dev, compute_metrics = glue_data(task, tokenizer, args)
+    clock = TrainingClock(args.budget_clock, budget)
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = SAMTrainingArguments(
+            output_dir=output_dir, num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.per_device_train_batch_size, per_device_eval_batch_size=64, seed=seed,
+            logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+            selection_budget=args.selection_budget, **METHODS[method],
+        )
+        trainer = SAMTrainer(
+            model=model, args=training_args, train_dataset=train, eval_dataset=dev, processing_class=tokenizer,
+            compute_metrics=compute_metrics,
+            callbacks=[clock],
+        )
+        trainer.train()
+        final = trainer.evaluate()
+    return final, clock.budget_metrics, clock, trainer
+
+
+def official(metrics: dict) -> dict:
+    """The GLUE dev metrics (accuracy; accuracy and F1 for MRPC) out of Trainer's eval_* dict."""
+    return {k.removeprefix("eval_"): v for k, v in metrics.items() if k in ("eval_accuracy", "eval_f1")}
+
+
+def find(results: list[dict], *key) -> dict | None:
+    """The result line with (task, method, seed, budget, setting) == key, if any."""
+    return next((r for r in results if (r["task"], r["method"], r["seed"], r["budget"], r["setting"]) == key), None)
+
+
+def run_grid(args: GlueAccuracyArguments, path: Path) -> None:
+    """Run every missing (task, method, seed), AdamW first, appending its two result lines to `path`."""
+    for task in args.tasks:
+        for seed in args.seeds:
+            for method in ["adamw"] + [m for m in args.methods if m != "adamw"]:
+                results = read_jsonl(path)
+                if find(results, task, method, seed, "steps", args.setting):
+                    continue
+                adamw = find(results, task, "adamw", seed, "steps", args.setting)
+                budget = adamw[f"train_{args.budget_clock}_seconds"] if adamw else None
+                started = time.time()
+                final, at_budget, clock, trainer = train_one(args, task, method, seed, budget)
+                ratios = [log["active_param_ratio"] for log in trainer.state.log_history if "active_param_ratio" in log]
+                steps = trainer.state.global_step
+                common = {
+                    "task": task, "method": method, "seed": seed, "setting": args.setting, "total_steps": steps,
+                    "active_param_ratio": float(np.mean(ratios)) if ratios else None,
+                    "run_seconds": time.time() - started,
+                }
+                at_end = {"steps": steps, "train_wall_seconds": clock.seconds["wall"],
+                          "train_cpu_seconds": clock.seconds["cpu"], "metrics": official(final)}
+                if at_budget is None:  # AdamW, or done within AdamW's time
+                    at_time = dict(at_end, within_budget=True)
+                else:
+                    at_time = {"steps": clock.budget_step, "train_wall_seconds": clock.budget_seconds["wall"],
+                               "train_cpu_seconds": clock.budget_seconds["cpu"], "metrics": official(at_budget),
+                               "within_budget": False}
+                with open(path, "a") as f:
+                    f.write(json.dumps(dict(common, budget="steps", **at_end)) + "\n")
+                    f.write(json.dumps(dict(common, budget="time", budget_seconds=budget, **at_time)) + "\n")
+                print(f"{task} seed {seed} {method}: {official(final)}, {steps} steps, {clock.seconds['wall']:.0f} s "
+                      f"wall / {clock.seconds['cpu']:.0f} s CPU; at AdamW's time: {at_time['metrics']}", flush=True)
+
+
+def mean_ratio(runs: list[dict]) -> str:
+    ratios = [r["active_param_ratio"] for r in runs if r["active_param_ratio"] is not None]
+    return f"{np.mean(ratios):.1%}" if ratios else "-"
+
+
+def summarize(args: GlueAccuracyArguments, path: Path) -> str:
+    """Markdown table: mean +- std over seeds of each metric, training time and steps per (task, budget, method)."""
+    groups = defaultdict(list)
+    for r in read_jsonl(path):
+        if r["setting"] == args.setting and r["task"] in args.tasks and r["method"] in args.methods:
+            groups[(r["task"], r["budget"], r["method"])].append(r)
+    lines = ["| task | budget | method | seeds | accuracy | F1 | train s (wall) | train s (CPU) | steps | active |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for task in args.tasks:
+        for budget in ("steps", "time"):
+            for method in args.methods:
+                runs = groups.get((task, budget, method))
+                if not runs:
+                    continue
+                cells = []
+                for key in ("accuracy", "f1"):
+                    values = [100 * r["metrics"][key] for r in runs if key in r["metrics"]]
+                    cells.append(f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "-")
+                lines.append(
+                    f"| {task} | {budget} | {method} | {len(runs)} | {cells[0]} | {cells[1]} | "
+                    f"{np.mean([r['train_wall_seconds'] for r in runs]):.0f} | "
+                    f"{np.mean([r['train_cpu_seconds'] for r in runs]):.0f} | "
+                    f"{np.mean([r['steps'] for r in runs]):.0f} | {mean_ratio(runs)} |"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    """Parse `argv` (default: the command line) and run."""
+    (args,) = HfArgumentParser(GlueAccuracyArguments).parse_args_into_dataclasses(args=argv)
+    path = Path(args.output_dir) / "glue_accuracy.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_grid(args, path)
+    table = summarize(args, path)
+    print(f"setting: {args.setting}\n{table}")
+    (path.parent / "glue_accuracy.md").write_text(f"setting: `{args.setting}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

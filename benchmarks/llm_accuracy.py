@@ -1,0 +1,140 @@
+"""SmolLM2-135M-Instruct fine-tuned with LoRA on the shipped instruction data by AdamW, SAM and the default mode
+(SL-SAM bandit + ZO-SAM), then evaluated: held-out loss / perplexity and zero-shot benchmarks.
+
+    HF_HUB_OFFLINE=1 python benchmarks/llm_accuracy.py --max_steps 30 --benchmarks arc_easy,piqa --eval_limit 200
+
+Each run is recipes/finetune_llm.py launched with flags (its evaluation is recipes/eval_llm.py's); the untuned
+model is evaluated by recipes/eval_llm.py. One line per (method, seed, setting) is appended to
+<output_dir>/llm_accuracy.jsonl; lines already there are skipped, so the runs can be done in parts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from step_cost import LORA, check_names, read_jsonl, setting_key
+from step_cost import METHODS as COST_METHODS
+from transformers import HfArgumentParser
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+METHODS = {name: COST_METHODS[name] for name in ("adamw", "sam", "sl_zo")}
+
+
+@dataclass
+class LLMAccuracyArguments:
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"From {list(METHODS)}."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
+    max_steps: int = field(default=30, metadata={"help": "Optimizer steps of every run."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "LoRA learning rate, the same for every method."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Training batch size."})
+    max_seq_length: int = field(default=256, metadata={"help": "Tokens per training record (truncated)."})
+    heldout_size: int = field(default=64, metadata={"help": "Instruction records held out for the loss."})
+    benchmarks: str = field(default="arc_easy,piqa", metadata={"help": "eval_llm.py benchmarks, comma-separated."})
+    eval_limit: int = field(default=200, metadata={"help": "Items per benchmark (the first N)."})
+    eval_base: bool = field(default=True, metadata={"help": "Also evaluate the untuned model (method 'base')."})
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where llm_accuracy.jsonl goes."})
+
+    def __post_init__(self):
+        check_names("methods", self.methods, METHODS)
+
+    @property
+    def setting(self) -> str:
+        """What makes two results comparable besides (method, seed)."""
+        return setting_key(self, ("max_steps", "learning_rate", "per_device_train_batch_size", "max_seq_length",
+                                  "heldout_size", "benchmarks", "eval_limit"))
+
+
+def flags(options: dict) -> list[str]:
+    """{'max_steps': 3, 'layer_selection': 'all'} -> ['--max_steps', '3', '--layer_selection', 'all']."""
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+def run_recipe(script: str, options: dict, report_file: str) -> dict:
+    """Run recipes/<script> with `options` in a fresh process; returns the JSON report it writes to output_dir."""
+    command = [sys.executable, str(RECIPES / script), *flags(options)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} {options} failed:\n{done.stderr[-4000:]}")
+    return json.loads((Path(options["output_dir"]) / report_file).read_text())
+
+
+def accuracies(benchmarks: dict) -> dict:
+    """{'arc_easy': 0.61, ...}: lm-eval's 'acc,none' per benchmark."""
+    return {name: values["acc,none"] for name, values in benchmarks.items() if "acc,none" in values}
+
+
+def finetune(args: LLMAccuracyArguments, method: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as output_dir:
+        options = dict(
+            output_dir=output_dir, seed=seed, max_steps=args.max_steps, learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.per_device_train_batch_size, max_seq_length=args.max_seq_length,
+            heldout_size=args.heldout_size, eval_benchmarks=args.benchmarks, eval_limit=args.eval_limit,
+            lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], disable_tqdm=True, **METHODS[method],
+        )
+        report = run_recipe("finetune_llm.py", options, "finetune_report.json")
+    return {"heldout_loss": report["heldout_after"]["loss"], "perplexity": report["heldout_after"]["perplexity"],
+            "accuracy": accuracies(report.get("benchmarks", {})), "train_seconds": report["train_runtime_s"],
+            "active_param_ratio": report["sam"]["active_param_ratio"], "steps": report["steps"]}
+
+
+def evaluate_base(args: LLMAccuracyArguments, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as output_dir:
+        options = {"output_dir": output_dir, "seed": seed, "heldout_size": args.heldout_size,
+                   "max_seq_length": args.max_seq_length, "benchmarks": args.benchmarks, "limit": args.eval_limit}
+        report = run_recipe("eval_llm.py", options, "eval_results.json")
+    return {"heldout_loss": report["heldout"]["loss"], "perplexity": report["heldout"]["perplexity"],
+            "accuracy": accuracies(report.get("benchmarks", {})), "train_seconds": 0.0, "steps": 0}
+
+
+def table(args: LLMAccuracyArguments, results: list[dict]) -> str:
+    """Markdown table of the mean (and std over seeds) per method."""
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    lines = ["| method | seeds | held-out loss | perplexity | " + " | ".join(names) + " | train s | active |",
+             "|---" * (6 + len(names)) + "|"]
+    for method in (["base"] if args.eval_base else []) + args.methods:
+        runs = [r for r in results if r["method"] == method and r["setting"] == args.setting]
+        if not runs:
+            continue
+
+        def cell(values, scale=1.0, digits=3):
+            return f"{scale * np.mean(values):.{digits}f} ± {scale * np.std(values):.{digits}f}"
+
+        accs = [cell([r["accuracy"][n] for r in runs if n in r["accuracy"]], 100, 1) for n in names]
+        active = [r.get("active_param_ratio") for r in runs if r.get("active_param_ratio") is not None]
+        lines.append(f"| {method} | {len(runs)} | {cell([r['heldout_loss'] for r in runs])} | "
+                     f"{cell([r['perplexity'] for r in runs], digits=2)} | " + " | ".join(accs) +
+                     f" | {np.mean([r['train_seconds'] for r in runs]):.0f} | "
+                     f"{f'{np.mean(active):.1%}' if active else '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    """Parse `argv` (default: the command line) and run."""
+    (args,) = HfArgumentParser(LLMAccuracyArguments).parse_args_into_dataclasses(args=argv)
+    path = Path(args.output_dir) / "llm_accuracy.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for seed in args.seeds:
+        for method in (["base"] if args.eval_base else []) + args.methods:
+            if any(r["method"] == method and r["seed"] == seed and r["setting"] == args.setting
+                   for r in read_jsonl(path)):
+                continue
+            started = time.time()
+            result = evaluate_base(args, seed) if method == "base" else finetune(args, method, seed)
+            result.update(method=method, seed=seed, setting=args.setting, run_seconds=time.time() - started)
+            with open(path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"{method} seed {seed}: {result}", flush=True)
+    text = table(args, read_jsonl(path))
+    print(f"setting: {args.setting}\n{text}")
+    (path.parent / "llm_accuracy.md").write_text(f"setting: `{args.setting}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

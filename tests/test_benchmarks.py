@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end on a tiny setting (real models, a few steps) and write sane numbers, so
+they do not rot between the long runs recorded in benchmarks/README.md. The drivers run in this process (the
+step-cost workers and the LLM recipes still start their own)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import glue_accuracy
+import llm_accuracy
+import step_cost
+
+
+def run_benchmark(module, *args) -> None:
+    module.main([str(arg) for arg in args])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_step_cost_counts_passes_and_writes_ratios(tmp_path):
+    run_benchmark(step_cost, "--models", "minilm", "--methods", "adamw", "sam", "sl_zo", "--repeats", 1,
+                  "--steps", 2, "--warmup_steps", 1, "--batch_size", 2, "--seq_length", 16, "--threads", 1,
+                  "--output_dir", tmp_path, "--tag", "tiny")
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    rows = {row["method"]: row for row in result["summary"]}
+    assert set(rows) == {"adamw", "sam", "sl_zo"}
+    # Passes per step, counted by hooks: AdamW F+B, SAM 2F+2B, ZO-SAM (m=1) 2 no-grad F0 + F + B.
+    assert (rows["adamw"]["forward_nograd"], rows["adamw"]["forward_grad"], rows["adamw"]["backward"]) == (0, 1, 1)
+    assert (rows["sam"]["forward_nograd"], rows["sam"]["forward_grad"], rows["sam"]["backward"]) == (0, 2, 2)
+    assert (rows["sl_zo"]["forward_nograd"], rows["sl_zo"]["forward_grad"], rows["sl_zo"]["backward"]) == (2, 1, 1)
+    assert rows["adamw"]["time_ratio"] == rows["adamw"]["memory_ratio"] == 1.0
+    assert rows["adamw"]["active_param_ratio"] == 1.0 and 0 < rows["sl_zo"]["active_param_ratio"] < 1
+    runs = {run["method"]: run for run in result["runs"]}
+    assert math.isclose(rows["sam"]["time_ratio"], runs["sam"]["seconds"] / runs["adamw"]["seconds"])
+    assert all(len(run["step_seconds"]) == 2 and run["peak_memory_mb"] > 0 for run in runs.values())
+    assert (tmp_path / "tiny.png").stat().st_size > 0
+
+
+def test_glue_accuracy_both_budgets_and_resume(tmp_path, capsys):
+    args = ["--tasks", "rte", "--methods", "adamw", "sl_zo", "--seeds", 0, "--max_train_samples", 16,
+            "--max_eval_samples", 16, "--num_train_epochs", 1, "--max_seq_length", 32,
+            "--per_device_train_batch_size", 8, "--output_dir", tmp_path]
+    run_benchmark(glue_accuracy, *args)
+    results = read_jsonl(tmp_path / "glue_accuracy.jsonl")
+    assert sorted((r["method"], r["budget"]) for r in results) == [
+        ("adamw", "steps"), ("adamw", "time"), ("sl_zo", "steps"), ("sl_zo", "time")]
+    by_key = {(r["method"], r["budget"]): r for r in results}
+    for r in results:
+        assert r["total_steps"] == 2 and 1 <= r["steps"] <= 2
+        assert (16 * r["metrics"]["accuracy"]).is_integer()  # k of the 16 dev examples right
+    adamw_seconds = by_key["adamw", "steps"]["train_cpu_seconds"]
+    assert by_key["sl_zo", "time"]["budget_seconds"] == adamw_seconds
+    assert by_key["sl_zo", "time"]["within_budget"] == (by_key["sl_zo", "steps"]["train_cpu_seconds"] < adamw_seconds)
+    capsys.readouterr()
+    run_benchmark(glue_accuracy, *args)  # everything done: nothing is trained again
+    output = capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "glue_accuracy.jsonl")) == 4
+    assert "| rte | time | sl_zo | 1 |" in output
+    assert (tmp_path / "glue_accuracy.md").is_file()
+
+
+def test_llm_accuracy_reports_finetuned_model(tmp_path):
+    run_benchmark(llm_accuracy, "--methods", "sl_zo", "--eval_base", "False", "--max_steps", 1,
+                  "--max_seq_length", 128, "--heldout_size", 4, "--benchmarks", "arc_easy", "--eval_limit", 2,
+                  "--output_dir", tmp_path)
+    (result,) = read_jsonl(tmp_path / "llm_accuracy.jsonl")
+    assert result["method"] == "sl_zo" and result["steps"] == 1
+    assert math.isclose(result["perplexity"], math.exp(result["heldout_loss"]), rel_tol=1e-6)
+    assert result["accuracy"]["arc_easy"] in (0.0, 0.5, 1.0)
+    assert "| sl_zo | 1 |" in (tmp_path / "llm_accuracy.md").read_text()
