@@ -61,10 +61,15 @@ def gaussian_like(param: torch.Tensor, generators: dict, seed: int) -> torch.Ten
     return torch.randn(param.shape, generator=generators[param.device], device=param.device, dtype=param.dtype)
 
 
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """||t||_2 of each tensor, stacked, in at least float32."""
+    return torch.stack([torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                        for t in tensors])
+
+
 def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """||tensors||_2 over the whole list, accumulated in at least float32."""
-    norms = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(tensor_norms(tensors))
 
 
 @torch.no_grad()

@@ -18,7 +18,15 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arms import group_arms
-from .ascent import cosine_similarity, first_order_direction, perturb, restore, zero_order_direction
+from .ascent import (
+    cosine_similarity,
+    first_order_direction,
+    grad_norm,
+    perturb,
+    restore,
+    tensor_norms,
+    zero_order_direction,
+)
 from .checkpoint import has_sam_state, load_sam_state, save_sam_state
 from .history import SelectionHistory
 from .selection import LayerBandit, UniformSelector
@@ -166,9 +174,10 @@ class SAMTrainerMixin:
             if not self.selector.update(self._selected, rewards):
                 window["bandit_skipped"] += 1
         if self.args.sam_mode == "lookback":
-            for name, p in zip(self._param_names, self._params):
-                if p.grad is not None and torch.isfinite(p.grad).all():
-                    self._lookback[name] = p.grad.detach().clone()
+            named = [(name, p.grad) for name, p in zip(self._param_names, self._params) if p.grad is not None]
+            if named and torch.isfinite(grad_norm([g for _, g in named])):
+                for name, g in named:
+                    self._lookback[name] = self._lookback[name].copy_(g) if name in self._lookback else g.clone()
 
     def _ascent_direction(self, model, inputs, num_items_in_batch):
         """(params, direction g, unperturbed loss or None) for this micro-batch; g None: no perturbation."""
@@ -179,8 +188,7 @@ class SAMTrainerMixin:
                 self._rewards += self._arm_norms(grads[: len(self._arm_params)])
             return params, grads, loss
         if mode == "lookback":
-            known = [(p, self._lookback[n].to(p.device)) for n, p in zip(self._param_names, params)
-                     if n in self._lookback]
+            known = [(p, self._lookback[n]) for n, p in zip(self._param_names, params) if n in self._lookback]
             params, direction = [p for p, _ in known], [g for _, g in known]
             direction = direction or None
         else:
@@ -233,11 +241,11 @@ class SAMTrainerMixin:
     def _arm_norms(self, grads):
         """||grad||_2 per selected arm from tensors aligned with the arms' parameters (None counts as 0),
         divided by the fp16 loss scale."""
-        squares = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads if g is not None]
+        present = [g for g in grads if g is not None]
         owners = [k for (k, _, _), g in zip(self._arm_params, grads) if g is not None]
         norms = np.zeros(len(self._selected))
-        if squares:
-            np.add.at(norms, owners, torch.stack(squares).cpu().numpy().astype(np.float64))
+        if present:
+            np.add.at(norms, owners, tensor_norms(present).cpu().numpy().astype(np.float64) ** 2)
         scaler = self.accelerator.scaler
         return np.sqrt(norms) / (scaler.get_scale() if scaler is not None else 1.0)
 
@@ -330,9 +338,11 @@ class SAMTrainerMixin:
                 "and lookback buffer."
             )
             return
-        names = {name for arm in self.arms for name in arm.param_names} | set(self.always_selected.param_names)
-        self._lookback = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector, self.history,
-                                        names)
+        params = dict(zip(self.always_selected.param_names, self.always_selected.params))
+        params.update((name, p) for arm in self.arms for name, p in zip(arm.param_names, arm.params))
+        lookback = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector, self.history,
+                                  set(params))
+        self._lookback = {name: g.to(params[name].device) for name, g in lookback.items()}
 
 
 class SAMTrainer(SAMTrainerMixin, Trainer):
