@@ -147,3 +147,10 @@ def test_fsdp_is_refused_unless_plain_training(tmp_path):
     with pytest.raises(ValueError, match="FSDP only with sam_mode='none'"):
         pretend("is_fsdp_enabled")(model=tiny_bert(), args=sam_args(tmp_path))
     pretend("is_fsdp_enabled")(model=tiny_bert(), args=sam_args(tmp_path, sam_mode="none", layer_selection="all"))
+
+
+def test_data_parallel_is_refused(tmp_path):
+    args = sam_args(tmp_path)
+    args._n_gpu = 2  # what TrainingArguments reports for one process on a machine with two GPUs
+    with pytest.raises(ValueError, match="does not support torch.nn.DataParallel"):
+        SAMTrainer(model=tiny_bert(), args=args)
