@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import classification_data, sam_args, tiny_bert
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from slsam_hf import SAMTrainer
 
@@ -107,6 +107,43 @@ def test_selected_arm_without_gradient_keeps_bandit_bookkeeping(tmp_path):
     probs = trainer.selector.probabilities
     assert np.all(np.isfinite(probs)) and probs.sum() == pytest.approx(0.5 * len(names))
     assert probs[unused] < 0.5, "zero reward must lower the unused arm's probability"
+    assert model.unused.weight.grad is None
+
+
+class Snapshots(TrainerCallback):
+    """The classifier weight after every optimizer step."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(model.classifier.weight.detach().clone())
+
+
+@pytest.mark.parametrize("mode", ["none", "sam", "zo", "lookback"])
+def test_step_whose_selected_arms_are_all_unused_changes_nothing(tmp_path, mode):
+    """Selected arms the forward never reaches: the loss has no graph, yet the step runs (stock backward would
+    raise), perturbs nothing and updates nothing."""
+    model = tiny_bert(dropout=0.0).requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    model.unused = torch.nn.Linear(4, 4)
+    initial = model.classifier.weight.detach().clone()
+    snapshots = Snapshots()
+    trainer = SAMTrainer(
+        model=model, train_dataset=classification_data(), callbacks=[snapshots],
+        args=sam_args(tmp_path, sam_mode=mode, layer_selection="random", selection_budget=0.25,
+                      always_selected=["none"], max_steps=8),
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "active_param_ratio" in log]
+    idle = [k for k, log in enumerate(logs) if log["active_param_ratio"] == 0]
+    assert idle and len(idle) < len(logs), "the seed must draw both idle and working steps"
+    before = [initial] + snapshots.weights[:-1]
+    for k in idle:
+        assert torch.equal(snapshots.weights[k], before[k]), f"step {k + 1} moved the classifier"
+        if mode in ("sam", "zo"):
+            assert logs[k]["perturbation_skipped"] == 1
+    assert not torch.equal(snapshots.weights[-1], initial)
     assert model.unused.weight.grad is None
 
 
