@@ -141,11 +141,11 @@ class SAMTrainerMixin:
             self._end_step()
         return loss if clean_loss is None else clean_loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock loss. When the forward reaches no selected tensor (every arm drawn is unused by the model), the loss
         has no graph and stock backward would raise; it becomes a leaf that requires grad instead, so the backward
         leaves every .grad None: the ascent is skipped and the step changes nothing."""
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.selector is None or not torch.is_grad_enabled() or loss.requires_grad:
             return result
