@@ -20,21 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    HfArgumentParser,
-    TrainerCallback,
-    set_seed,
-)
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from slsam_hf import SAMTrainer, SAMTrainingArguments
-from slsam_hf.assets import MINILM, resolve_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import run_glue
 from step_cost import METHODS as COST_METHODS
-from step_cost import check_names, read_jsonl, setting_key
+from step_cost import check_names, load_model, mean_percent, mean_std, read_jsonl, setting_key
 
 # The step-cost methods, the default mode with the paper's rule (the task head is a bandit arm too), and the default
 # mode at a 50 % budget (the candidate default if 20 % costs accuracy).
@@ -117,9 +110,7 @@ def glue_data(task: str, tokenizer, args: GlueAccuracyArguments):
 def train_one(args: GlueAccuracyArguments, task: str, method: str, seed: int, budget: float | None) -> tuple:
     """Fine-tune MiniLM once; returns (metrics at the end, metrics at the time budget or None, clock, trainer)."""
     set_seed(seed)
-    path = resolve_model(MINILM)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model, tokenizer = load_model("minilm")
     train, dev, compute_metrics = glue_data(task, tokenizer, args)
     clock = TrainingClock(args.budget_clock, budget)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -184,11 +175,6 @@ def run_grid(args: GlueAccuracyArguments, path: Path) -> None:
                       f"wall / {clock.seconds['cpu']:.0f} s CPU; at AdamW's time: {at_time['metrics']}", flush=True)
 
 
-def mean_ratio(runs: list[dict]) -> str:
-    ratios = [r["active_param_ratio"] for r in runs if r["active_param_ratio"] is not None]
-    return f"{np.mean(ratios):.1%}" if ratios else "-"
-
-
 def summarize(results: list[dict], setting: str, tasks: list[str], methods: list[str]) -> str:
     """Markdown table: mean +- std over seeds of each metric, training time and steps per (task, budget, method)."""
     groups = defaultdict(list)
@@ -203,15 +189,14 @@ def summarize(results: list[dict], setting: str, tasks: list[str], methods: list
                 runs = groups.get((task, budget, method))
                 if not runs:
                     continue
-                cells = []
-                for key in ("accuracy", "f1"):
-                    values = [100 * r["metrics"][key] for r in runs if key in r["metrics"]]
-                    cells.append(f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "-")
+                cells = [mean_std([100 * r["metrics"][key] for r in runs if key in r["metrics"]])
+                         for key in ("accuracy", "f1")]
                 lines.append(
                     f"| {task} | {budget} | {method} | {len(runs)} | {cells[0]} | {cells[1]} | "
                     f"{np.mean([r['train_wall_seconds'] for r in runs]):.0f} | "
                     f"{np.mean([r['train_cpu_seconds'] for r in runs]):.0f} | "
-                    f"{np.mean([r['steps'] for r in runs]):.0f} | {mean_ratio(runs)} |"
+                    f"{np.mean([r['steps'] for r in runs]):.0f} | "
+                    f"{mean_percent([r['active_param_ratio'] for r in runs if r['active_param_ratio'] is not None])} |"
                 )
     return "\n".join(lines)
 

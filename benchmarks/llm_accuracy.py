@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from step_cost import LORA, check_names, read_jsonl, setting_key
+from step_cost import LORA, check_names, mean_percent, mean_std, read_jsonl, setting_key
 from step_cost import METHODS as COST_METHODS
 from transformers import HfArgumentParser
 
@@ -101,16 +101,11 @@ def table(args: LLMAccuracyArguments, results: list[dict]) -> str:
         runs = [r for r in results if r["method"] == method and r["setting"] == args.setting]
         if not runs:
             continue
-
-        def cell(values, scale=1.0, digits=3):
-            return f"{scale * np.mean(values):.{digits}f} ± {scale * np.std(values):.{digits}f}"
-
-        accs = [cell([r["accuracy"][n] for r in runs if n in r["accuracy"]], 100, 1) for n in names]
+        accs = [mean_std([100 * r["accuracy"][n] for r in runs if n in r["accuracy"]]) for n in names]
         active = [r.get("active_param_ratio") for r in runs if r.get("active_param_ratio") is not None]
-        lines.append(f"| {method} | {len(runs)} | {cell([r['heldout_loss'] for r in runs])} | "
-                     f"{cell([r['perplexity'] for r in runs], digits=2)} | " + " | ".join(accs) +
-                     f" | {np.mean([r['train_seconds'] for r in runs]):.0f} | "
-                     f"{f'{np.mean(active):.1%}' if active else '-'} |")
+        lines.append(f"| {method} | {len(runs)} | {mean_std([r['heldout_loss'] for r in runs], 3)} | "
+                     f"{mean_std([r['perplexity'] for r in runs], 2)} | " + " | ".join(accs) +
+                     f" | {np.mean([r['train_seconds'] for r in runs]):.0f} | {mean_percent(active)} |")
     return "\n".join(lines)
 
 

@@ -69,6 +69,16 @@ def setting_key(args, names: tuple) -> str:
     return ",".join(f"{name}={getattr(args, name)}" for name in names)
 
 
+def mean_std(values: list, digits: int = 1) -> str:
+    """'mean ± std' table cell of the accuracy benchmarks; '-' when there are no values."""
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if len(values) else "-"
+
+
+def mean_percent(values: list) -> str:
+    """Mean of ratios as a percentage table cell; '-' when there are no values."""
+    return f"{np.mean(values):.1%}" if len(values) else "-"
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL results file (shared by the accuracy benchmarks); [] when it does not exist yet."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

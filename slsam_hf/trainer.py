@@ -21,7 +21,6 @@ from .arms import group_arms
 from .ascent import (
     cosine_similarity,
     first_order_direction,
-    grad_norm,
     perturb,
     restore,
     tensor_norms,
@@ -80,8 +79,10 @@ class SAMTrainerMixin:
                 min_prob=args.bandit_min_prob, seed=args.seed,
             )
         self.history = SelectionHistory([arm.name for arm in self.arms])
-        self._trainable = [p for arm in self.arms for p in arm.params] + self.always_selected.params
-        self._trainable_numel = sum(p.numel() for p in self._trainable)
+        named = [zip(arm.param_names, arm.params) for arm in self.arms]
+        named.append(zip(self.always_selected.param_names, self.always_selected.params))
+        self._trainable = {name: p for pairs in named for name, p in pairs}
+        self._trainable_numel = sum(p.numel() for p in self._trainable.values())
         self._lookback: dict[str, torch.Tensor] = {}
         self._step_started = None
         self._window = self._empty_window()
@@ -173,21 +174,25 @@ class SAMTrainerMixin:
         """After the last micro-batch's backward: bookkeeping, bandit update, lookback buffer."""
         window = self._window
         window["steps"] += 1
-        window["active"] += sum(p.numel() for p in self._trainable if p.grad is not None) / self._trainable_numel
+        active = sum(p.numel() for p in self._trainable.values() if p.grad is not None)
+        window["active"] += active / self._trainable_numel
         window["selected"] += len(self._selected)
-        if isinstance(self.selector, LayerBandit):
-            if self.args.sam_mode not in ("sam", "asam"):
-                self._rewards = self._arm_norms([p.grad for _, _, p in self._arm_params])
+        bandit, mode = isinstance(self.selector, LayerBandit), self.args.sam_mode
+        grads = [p.grad for p in self._params]
+        if (bandit and mode not in ("sam", "asam")) or mode == "lookback":
+            norms = self._tensor_norms(grads)  # one pass and one host transfer, shared by rewards and lookback
+        if bandit:
+            if mode not in ("sam", "asam"):
+                self._rewards = self._arm_norms(norms)
             rewards = self._rewards
             if self.accelerator.num_processes > 1:
                 rewards = self.accelerator.reduce(torch.as_tensor(rewards, device=self.args.device), "mean")
                 rewards = rewards.cpu().numpy()
             if not self.selector.update(self._selected, rewards):
                 window["bandit_skipped"] += 1
-        if self.args.sam_mode == "lookback":
-            named = [(name, p.grad) for name, p in zip(self._param_names, self._params) if p.grad is not None]
-            if named and torch.isfinite(grad_norm([g for _, g in named])):
-                for name, g in named:
+        if mode == "lookback" and np.isfinite(norms).all():
+            for name, g in zip(self._param_names, grads):
+                if g is not None:
                     self._lookback[name] = self._lookback[name].copy_(g) if name in self._lookback else g.clone()
 
     def _ascent_direction(self, model, inputs, num_items_in_batch):
@@ -196,7 +201,7 @@ class SAMTrainerMixin:
         if mode in ("sam", "asam"):
             grads, loss = self._first_order(model, inputs, num_items_in_batch, params)
             if isinstance(self.selector, LayerBandit):
-                self._rewards += self._arm_norms(grads[: len(self._arm_params)])
+                self._rewards += self._arm_norms(self._tensor_norms(grads[: len(self._arm_params)]))
             return params, grads, loss
         if mode == "lookback":
             known = [(p, self._lookback[n]) for n, p in zip(self._param_names, params) if n in self._lookback]
@@ -249,16 +254,23 @@ class SAMTrainerMixin:
             )
         return loss if scaled else loss / self.current_gradient_accumulation_steps
 
-    def _arm_norms(self, grads):
-        """||grad||_2 per selected arm from tensors aligned with the arms' parameters (None counts as 0),
-        divided by the fp16 loss scale."""
-        present = [g for g in grads if g is not None]
-        owners = [k for (k, _, _), g in zip(self._arm_params, grads) if g is not None]
-        norms = np.zeros(len(self._selected))
+    @staticmethod
+    def _tensor_norms(grads):
+        """||g||_2 of each tensor as float64 numpy (0 for None), in one transfer to the host."""
+        norms = np.zeros(len(grads))
+        present = [k for k, g in enumerate(grads) if g is not None]
         if present:
-            np.add.at(norms, owners, tensor_norms(present).cpu().numpy().astype(np.float64) ** 2)
+            norms[present] = tensor_norms([grads[k] for k in present]).cpu().numpy()
+        return norms
+
+    def _arm_norms(self, norms):
+        """||grad||_2 per selected arm = sqrt(sum of its tensors' squared norms), from per-tensor norms that start
+        aligned with the arms' parameters (always-selected tensors after them are ignored), divided by the fp16 loss
+        scale."""
+        arm_norms = np.zeros(len(self._selected))
+        np.add.at(arm_norms, [k for k, _, _ in self._arm_params], norms[: len(self._arm_params)] ** 2)
         scaler = self.accelerator.scaler
-        return np.sqrt(norms) / (scaler.get_scale() if scaler is not None else 1.0)
+        return np.sqrt(arm_norms) / (scaler.get_scale() if scaler is not None else 1.0)
 
     def _cosine_due(self):
         k = self.args.sam_cosine_log_steps
@@ -349,11 +361,9 @@ class SAMTrainerMixin:
                 "and lookback buffer."
             )
             return
-        params = dict(zip(self.always_selected.param_names, self.always_selected.params))
-        params.update((name, p) for arm in self.arms for name, p in zip(arm.param_names, arm.params))
         lookback = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector, self.history,
-                                  set(params))
-        self._lookback = {name: g.to(params[name].device) for name, g in lookback.items()}
+                                  set(self._trainable))
+        self._lookback = {name: g.to(self._trainable[name].device) for name, g in lookback.items()}
 
 
 class SAMTrainer(SAMTrainerMixin, Trainer):

@@ -12,14 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import glue_accuracy
 import llm_accuracy
 import step_cost
+from step_cost import read_jsonl
 
 
 def run_benchmark(module, *args) -> None:
     module.main([str(arg) for arg in args])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_step_cost_counts_passes_and_writes_ratios(tmp_path):

@@ -168,6 +168,29 @@ def test_optimizer_holds_every_arm(tmp_path):
     assert held == {id(p) for p in model.parameters()}
 
 
+@pytest.mark.parametrize("mode", ["zo", "lookback"])
+def test_bandit_reward_is_each_arms_update_gradient_norm(tmp_path, mode):
+    """The reward of a selected arm is ||grad||_2 over all of its tensors (block arms: several tensors each),
+    read from the accumulated update gradients when the bandit is updated."""
+    args = sam_args(tmp_path, sam_mode=mode, arm_granularity="block", selection_budget=0.5, max_steps=4,
+                    gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    update, seen = trainer.selector.update, []
+
+    def spy(selected, rewards):
+        expected = [torch.cat([p.grad.double().flatten() for p in trainer.arms[i].params if p.grad is not None]
+                              or [torch.zeros(1, dtype=torch.float64)]).norm().item() for i in selected]
+        seen.append((rewards.copy(), expected))
+        return update(selected, rewards)
+
+    trainer.selector.update = spy
+    trainer.train()
+    assert len(seen) == 4
+    assert any(len(trainer.arms[i].params) > 1 for i in range(len(trainer.arms)))
+    for rewards, expected in seen:
+        assert rewards == pytest.approx(expected, rel=1e-5) and max(expected) > 0
+
+
 def selections(tmp_path, seed):
     args = sam_args(tmp_path, max_steps=6, seed=seed)
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
