@@ -22,21 +22,34 @@ def zero_order_direction(
     num_directions: int = 1,
     eps: float = 1e-3,
     seed: int = 0,
+    prior: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | None:
-    """Two-point Gaussian estimate of the gradient from forwards only (ZO-SAM):
+    """Two-point estimate of the gradient from forwards only:
 
-        g = 1/m * sum_k c_k u_k,   c_k = (l(theta + eps u_k) - l(theta - eps u_k)) / (2 eps),   u_k ~ N(0, I).
+        g = 1/m * sum_k c_k u_k,   c_k = (l(theta + eps u_k) - l(theta - eps u_k)) / (2 eps).
+
+    Without `prior`, u_k ~ N(0, I) (ZO-SAM), drawn from private generators seeded with `seed` (one per device).
+    With `prior` (one tensor per param, e.g. the optimizer's first moment), there is one direction
+    u = sqrt(n) * prior / ||prior|| (n elements: a Gaussian's norm, so `eps` means the same per coordinate), and
+    g = c u points along +-prior, uphill: the probe only picks the sign.
 
     `loss_fn()` evaluates the loss at the current parameters (called under no_grad). The parameters are
-    restored bit-exactly (copied back). Returns None when every c_k is 0 (a tie) or a loss is not finite: no
-    perturbation this step. The u_k come from private generators seeded with `seed` (one per device).
+    restored bit-exactly (copied back). Returns None when every c_k is 0 (a tie), a loss is not finite or the prior
+    is zero: no perturbation this step.
     """
+    if prior is not None:
+        norm = grad_norm(prior)
+        if not torch.isfinite(norm) or norm == 0:
+            return None
+        n = sum(p.numel() for p in params)
+        prior_direction = torch._foreach_mul([m.to(p.dtype) for p, m in zip(params, prior)], float(n**0.5 / norm))
+        num_directions = 1
     generators = {}
     backup = [p.detach().clone() for p in params]
     estimate = None
     try:
         for _ in range(num_directions):
-            u = [gaussian_like(p, generators, seed) for p in params]
+            u = prior_direction if prior is not None else [gaussian_like(p, generators, seed) for p in params]
             torch._foreach_add_(params, u, alpha=eps)
             loss_plus = loss_fn()
             torch._foreach_add_(params, u, alpha=-2 * eps)
@@ -52,6 +65,16 @@ def zero_order_direction(
     finally:
         torch._foreach_copy_(params, backup)
     return estimate
+
+
+def first_moment(optimizer_state: dict, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """m of each tensor in the base optimizer's state: AdamW/Adam `exp_avg`, SGD `momentum_buffer`; None where the
+    optimizer holds no such state yet (a tensor never stepped)."""
+    moments = []
+    for p in params:
+        state = optimizer_state.get(p, {})
+        moments.append(state.get("exp_avg", state.get("momentum_buffer")))
+    return moments
 
 
 def gaussian_like(param: torch.Tensor, generators: dict, seed: int) -> torch.Tensor:

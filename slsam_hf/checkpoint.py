@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -11,8 +12,10 @@ LOOKBACK_SAFETENSORS = "sam_lookback.safetensors"
 FORMAT = "slsam_hf/1"
 
 
-def save_sam_state(folder: str, arm_names: list[str], selector, history, lookback: dict[str, torch.Tensor]) -> None:
-    """Write `sam_state.json` (arm names, selector probabilities, selection history) and, for the lookback mode,
+def save_sam_state(folder: str, arm_names: list[str], selector, history, lookback: dict[str, torch.Tensor],
+                   held: tuple | None = None) -> None:
+    """Write `sam_state.json` (arm names, selector probabilities, selection history, the selection held over
+    `selection_interval`: (arm indices, their probabilities when drawn)) and, for the lookback mode,
     `sam_lookback.safetensors` (the previous update gradient of every tensor that has one)."""
     os.makedirs(folder, exist_ok=True)
     state = {
@@ -20,6 +23,8 @@ def save_sam_state(folder: str, arm_names: list[str], selector, history, lookbac
         "arm_names": arm_names,
         "selector": None if selector is None else selector.state_dict(),
         "history": history.state_dict(),
+        "held_selection": None if held is None else {"arms": [int(i) for i in held[0]],
+                                                     "probabilities": [float(p) for p in held[1]]},
     }
     with open(os.path.join(folder, SAM_STATE_JSON), "w") as f:
         json.dump(state, f)
@@ -32,8 +37,9 @@ def has_sam_state(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, SAM_STATE_JSON))
 
 
-def load_sam_state(folder: str, arm_names: list[str], selector, history, param_names: set[str]) -> dict:
-    """Restore `selector` and `history` in place from `folder`; return the lookback gradients (name -> CPU tensor).
+def load_sam_state(folder: str, arm_names: list[str], selector, history, param_names: set[str]) -> tuple:
+    """Restore `selector` and `history` in place from `folder`; return (the lookback gradients: name -> CPU tensor,
+    the held selection: (arm indices, probabilities) or None).
 
     A file that is malformed or describes other arms raises ValueError naming the file.
     """
@@ -53,11 +59,17 @@ def load_sam_state(folder: str, arm_names: list[str], selector, history, param_n
         if selector is not None:
             selector.load_state_dict(state["selector"])
         history.load_state_dict(state["history"])
+        held = state.get("held_selection")
+        if held is not None:
+            arms, probs = np.asarray(held["arms"], dtype=np.int64), np.asarray(held["probabilities"], dtype=np.float64)
+            if arms.shape != probs.shape or arms.size == 0 or arms.min() < 0 or arms.max() >= len(arm_names):
+                raise ValueError("its held_selection names arms this model does not have")
+            held = (arms, probs)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot resume from {path}: {err}") from err
     lookback_path = os.path.join(folder, LOOKBACK_SAFETENSORS)
     if not os.path.isfile(lookback_path):
-        return {}
+        return {}, held
     try:
         lookback = load_file(lookback_path)
     except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -65,4 +77,4 @@ def load_sam_state(folder: str, arm_names: list[str], selector, history, param_n
     unknown = set(lookback) - param_names
     if unknown:
         raise ValueError(f"cannot resume from {lookback_path}: unknown tensors {sorted(unknown)[:3]}")
-    return lookback
+    return lookback, held

@@ -79,7 +79,9 @@ class LayerBandit(UniformSelector):
     For the selected arms i in S_t with rewards a_i (gradient norms):
         loss_i = max_{j in S_t} (a_j / p_j)^2 - (a_i / p_i)^2,   w_i = p_i * exp(-lr * loss_i / p_i),
     w_i = p_i for the others; then p = project_to_budget(w, s * N, min_prob).
-    `reward="normalized"` divides a by max_{j in S_t} a_j first (scale-invariant); `"raw"` is the released rule.
+    `reward="normalized"` divides a by max_{j in S_t} a_j first (scale-invariant); `"per_parameter"` divides each a_i
+    by sqrt(n_i) (`arm_sizes`: elements per arm; the RMS gradient, which does not favour big tensors) and then by the
+    largest; `"raw"` is the released rule.
     """
 
     def __init__(
@@ -90,22 +92,28 @@ class LayerBandit(UniformSelector):
         reward: str = "normalized",
         min_prob: float = 1e-3,
         seed: int = 0,
+        arm_sizes: list[int] | None = None,
     ):
         super().__init__(num_arms, budget, seed)
-        if reward not in ("normalized", "raw"):
-            raise ValueError(f"bandit_reward must be one of ['normalized', 'raw'], got {reward!r}")
+        if reward not in ("normalized", "raw", "per_parameter"):
+            raise ValueError(f"bandit_reward must be one of ['normalized', 'raw', 'per_parameter'], got {reward!r}")
+        if reward == "per_parameter" and (arm_sizes is None or len(arm_sizes) != num_arms or min(arm_sizes) < 1):
+            raise ValueError("bandit_reward='per_parameter' needs arm_sizes: a positive element count per arm")
         if not 0 < min_prob < budget or min_prob > 1:
             raise ValueError(f"bandit_min_prob must be in (0, selection_budget={budget}), got {min_prob!r}")
         self.lr = float(lr)
         self.reward = reward
         self.min_prob = float(min_prob)
+        self.arm_sizes = None if arm_sizes is None else np.asarray(arm_sizes, dtype=np.float64)
 
     def update(self, selected: np.ndarray, rewards: np.ndarray) -> bool:
         """Apply one EXP3 update; non-finite rewards leave the probabilities untouched (returns False)."""
         a = np.asarray(rewards, dtype=np.float64)
         if a.size == 0 or not np.all(np.isfinite(a)):
             return False
-        if self.reward == "normalized" and a.max() > 0:
+        if self.reward == "per_parameter":
+            a = a / np.sqrt(self.arm_sizes[selected])
+        if self.reward != "raw" and a.max() > 0:
             a = a / a.max()
         p = self.probabilities[selected]
         scaled = (a / p) ** 2

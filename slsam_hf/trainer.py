@@ -1,10 +1,12 @@
 """`SAMTrainer`: transformers.Trainer glue for sparse-layer (SL-SAM) and zero-order (ZO-SAM) sharpness-aware steps.
 
 Per optimizer step t (DESIGN section 2):
-  1. select arms S_t (bandit / random / all); every other arm gets requires_grad=False (no grad, no update);
-  2. per micro-batch, an ascent direction g on S_t (`sam_mode`);
+  1. select arms S_t (bandit / random / all; held for `selection_interval` steps); every other arm gets
+     requires_grad=False (no backward cost);
+  2. per micro-batch, an ascent direction g on S_t (`sam_mode`, `zo_direction`);
   3. theta <- theta + rho * g / ||g||, stock `Trainer.training_step` (forward + backward on S_t), theta restored;
-  4. after the last micro-batch, the bandit learns from the gradient norms; the stock loop clips and steps.
+  4. after the last micro-batch, the bandit learns from the gradient norms; the stock loop clips and steps, with
+     the `sparse_update` rule applied around the base optimizer's step (optimizer step hooks).
 """
 
 import contextlib
@@ -20,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .arms import group_arms
 from .ascent import (
     cosine_similarity,
+    first_moment,
     first_order_direction,
     perturb,
     restore,
@@ -76,7 +79,7 @@ class SAMTrainerMixin:
         else:
             self.selector = LayerBandit(
                 len(self.arms), args.selection_budget, lr=args.bandit_lr, reward=args.bandit_reward,
-                min_prob=args.bandit_min_prob, seed=args.seed,
+                min_prob=args.bandit_min_prob, seed=args.seed, arm_sizes=[arm.numel for arm in self.arms],
             )
         self.history = SelectionHistory([arm.name for arm in self.arms])
         named = [zip(arm.param_names, arm.params) for arm in self.arms]
@@ -84,6 +87,8 @@ class SAMTrainerMixin:
         self._trainable = {name: p for pairs in named for name, p in pairs}
         self._trainable_numel = sum(p.numel() for p in self._trainable.values())
         self._lookback: dict[str, torch.Tensor] = {}
+        self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
+        self._optimizer_hooks = []
         self._step_started = None
         self._window = self._empty_window()
 
@@ -113,9 +118,40 @@ class SAMTrainerMixin:
     # ----------------------------------------------------------------------------------------------- the step
 
     def create_optimizer(self, model=None):
-        """Stock optimizer, built over every arm (stock code keeps only tensors with requires_grad=True)."""
+        """Stock optimizer, built over every arm (stock code keeps only tensors with requires_grad=True), with the
+        `sparse_update` rule hooked around its step."""
         self._set_requires_grad(None)
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        for hook in self._optimizer_hooks:
+            hook.remove()
+        self._optimizer_hooks = []
+        if self.selector is not None and self.args.sparse_update != "freeze":
+            self._optimizer_hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
+                                     optimizer.register_step_post_hook(self._after_optimizer_step)]
+        return optimizer
+
+    def _before_optimizer_step(self, optimizer, args, kwargs):
+        """'momentum': unselected tensors with optimizer state get a zero gradient (the base optimizer moves them
+        along its first moment). 'scale': keep theta of the selected arms, for `_after_optimizer_step`."""
+        if self.args.sparse_update == "momentum":
+            for p in self._trainable.values():
+                if p.grad is None and p in optimizer.state:
+                    p.grad = torch.zeros_like(p)
+        else:
+            params = [p for _, _, p in self._arm_params]
+            self._before_step = (params, [p.detach().clone() for p in params])
+
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        """'scale': theta <- theta_before + k_i * (theta - theta_before), k_i = min(1 / p_i, sparse_update_max_scale)
+        with p_i the probability arm i was drawn with; the always-selected tensors are not scaled."""
+        if self.args.sparse_update != "scale":
+            return
+        params, before = self._before_step
+        scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
+        with torch.no_grad():
+            for (k, _, p), p0 in zip(self._arm_params, before):
+                p.copy_(torch.lerp(p0.float(), p.float(), float(scale[k])))
+        self._before_step = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         args = self.args
@@ -160,7 +196,11 @@ class SAMTrainerMixin:
         if self.selector is None:
             self._selected = np.arange(len(self.arms))
         else:
-            self._selected = self.selector.select(self.state.global_step)
+            step = self.state.global_step
+            if self._held is None or step % self.args.selection_interval == 0:
+                selected = self.selector.select(step)
+                self._held = (selected, self.selector.probabilities[selected].copy())
+            self._selected = self._held[0]
             self.history.record(self._selected)
             self._set_requires_grad(self._selected)
         self._arm_params = [(k, name, p) for k, i in enumerate(self._selected)
@@ -204,15 +244,27 @@ class SAMTrainerMixin:
                 self._rewards += self._arm_norms(self._tensor_norms(grads[: len(self._arm_params)]))
             return params, grads, loss
         if mode == "lookback":
-            known = [(p, self._lookback[n]) for n, p in zip(self._param_names, params) if n in self._lookback]
-            params, direction = [p for p, _ in known], [g for _, g in known]
-            direction = direction or None
+            params, direction = self._known(params, [self._lookback.get(n) for n in self._param_names])
+        elif mode == "msam":  # MSAM: epsilon = -rho * m / ||m||
+            params, direction = self._known(params, first_moment(self.optimizer.state, params))
+            direction = None if direction is None else torch._foreach_neg(direction)
+        elif self.args.zo_direction == "momentum":
+            params, prior = self._known(params, first_moment(self.optimizer.state, params))
+            direction = None if prior is None else self._zero_order(model, inputs, params, prior)
         else:
             direction = self._zero_order(model, inputs, params)
         if direction is not None and self._cosine_due():
             true_grad, _ = self._first_order(model, inputs, num_items_in_batch, params)
             self._window["cosine"].append(cosine_similarity(direction, true_grad))
         return params, direction, None
+
+    @staticmethod
+    def _known(params, directions):
+        """The params whose direction is known (not None) and those directions; (params, None) when none is."""
+        known = [(p, d) for p, d in zip(params, directions) if d is not None]
+        if not known:
+            return params, None
+        return [p for p, _ in known], [d for _, d in known]
 
     def _first_order(self, model, inputs, num_items_in_batch, params):
         """Train-mode loss at theta and its gradient on `params` (per process, under no_sync; .grad untouched)."""
@@ -225,8 +277,9 @@ class SAMTrainerMixin:
             grads = first_order_direction(scaler.scale(loss) if scaler is not None else loss, params)
         return grads, loss.detach()
 
-    def _zero_order(self, model, inputs, params):
-        """ZO-SAM's forward-only estimate on `params`, dropout off, losses averaged over processes."""
+    def _zero_order(self, model, inputs, params, prior=None):
+        """ZO-SAM's forward-only estimate on `params` (along `prior` if given), dropout off, losses averaged over
+        processes."""
         args = self.args
         rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         keep = max(1, int(round(rows * args.zo_probe_fraction)))
@@ -242,7 +295,7 @@ class SAMTrainerMixin:
         with self._off_the_record():
             return zero_order_direction(
                 probe_loss, params, args.zo_num_directions, args.zo_eps,
-                seed=derive_seed(args.seed, self.state.global_step, self._micro_step),
+                seed=derive_seed(args.seed, self.state.global_step, self._micro_step), prior=prior,
             )
 
     def _scale_for_accumulation(self, loss, num_items_in_batch):
@@ -331,6 +384,7 @@ class SAMTrainerMixin:
         return round(float(total) / steps, 6)
 
     def train(self, *args, **kwargs):
+        self._held = None
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -347,7 +401,7 @@ class SAMTrainerMixin:
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
             arm_names = [arm.name for arm in self.arms]
-            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback)
+            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback, self._held)
         if self.selector is not None:
             self.history.save(self.args.output_dir)
 
@@ -361,8 +415,8 @@ class SAMTrainerMixin:
                 "and lookback buffer."
             )
             return
-        lookback = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector, self.history,
-                                  set(self._trainable))
+        lookback, self._held = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector,
+                                              self.history, set(self._trainable))
         self._lookback = {name: g.to(self._trainable[name].device) for name, g in lookback.items()}
 
 

@@ -4,10 +4,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-SAM_MODES = ("none", "sam", "asam", "zo", "lookback")
+SAM_MODES = ("none", "sam", "asam", "zo", "msam", "lookback")
+ZO_DIRECTIONS = ("gaussian", "momentum")
+SPARSE_UPDATES = ("freeze", "scale", "momentum")
 LAYER_SELECTIONS = ("all", "random", "bandit")
 ARM_GRANULARITIES = ("tensor", "block")
-BANDIT_REWARDS = ("normalized", "raw")
+BANDIT_REWARDS = ("normalized", "raw", "per_parameter")
 
 
 @dataclass
@@ -24,17 +26,29 @@ class SAMTrainingArguments(TrainingArguments):
         metadata={
             "help": "How the ascent direction is found. 'zo': zero-order two-point estimate (2m no-grad forwards, "
             "ZO-SAM); 'sam': first backward pass (SAM); 'asam': SAM scaled element-wise by |theta| (adaptive SAM, "
-            "use a ~10x larger sam_rho); 'lookback': the previous step's update gradient (no extra pass); "
-            "'none': no perturbation (plain training, equals Trainer with layer_selection='all').",
+            "use a ~10x larger sam_rho); 'msam': MSAM, -rho * m / ||m|| along the base optimizer's first moment "
+            "(no extra pass; use a ~10x larger sam_rho); 'lookback': the previous step's update gradient (no extra "
+            "pass); 'none': no perturbation (plain training, equals Trainer with layer_selection='all').",
             "choices": list(SAM_MODES),
         },
     )
     sam_rho: float = field(
         default=0.05, metadata={"help": "Perturbation radius rho: epsilon = rho * g / ||g||. 0 disables it."}
     )
+    zo_direction: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Probe direction u of sam_mode='zo'. 'gaussian': u ~ N(0, I) (ZO-SAM); 'momentum': u = the base "
+            "optimizer's first moment (AdamW exp_avg, SGD momentum_buffer) over the selected tensors, so the probe "
+            "only picks the sign: epsilon = rho * sign(c) * u / ||u||. Tensors without optimizer state yet add "
+            "nothing; with none, the step is not perturbed.",
+            "choices": list(ZO_DIRECTIONS),
+        },
+    )
     zo_num_directions: int = field(
         default=1,
-        metadata={"help": "Random Gaussian directions m averaged by the zero-order estimate (2 forwards each)."},
+        metadata={"help": "Random Gaussian directions m averaged by the zero-order estimate (2 forwards each); "
+                          "must be 1 with zo_direction='momentum' (there is one prior direction)."},
     )
     zo_eps: float = field(
         default=1e-3,
@@ -59,6 +73,26 @@ class SAMTrainingArguments(TrainingArguments):
         default=0.2,
         metadata={"help": "Budget s in (0, 1]: expected share of arms selected per step (sum of p = s * N)."},
     )
+    sparse_update: str = field(
+        default="freeze",
+        metadata={
+            "help": "How a step with layer selection moves the weights. 'freeze': only selected tensors get a "
+            "gradient and move (SL-SAM); 'scale': as 'freeze', and each selected arm's optimizer step (including "
+            "weight decay) is multiplied by min(1 / p_i, sparse_update_max_scale), p_i its selection probability, "
+            "so the expected update is the dense one (always-selected tensors are not scaled); 'momentum': "
+            "unselected tensors that already have optimizer state get a zero gradient, so the base optimizer moves "
+            "them along its decaying first moment (and applies weight decay), with no backward cost.",
+            "choices": list(SPARSE_UPDATES),
+        },
+    )
+    sparse_update_max_scale: float = field(
+        default=10.0, metadata={"help": "Upper bound (>= 1) of the 1 / p_i factor of sparse_update='scale'."}
+    )
+    selection_interval: int = field(
+        default=1,
+        metadata={"help": "Hold each drawn selection for this many optimizer steps (LISA / BAdam style); the "
+                          "bandit still learns every step. 1 draws a new selection every step."},
+    )
     bandit_lr: float = field(
         default=1e-3, metadata={"help": "EXP3 learning rate alpha: w_i = p_i * exp(-alpha * loss_i / p_i)."}
     )
@@ -66,7 +100,9 @@ class SAMTrainingArguments(TrainingArguments):
         default="normalized",
         metadata={
             "help": "Reward a_i of a selected arm. 'raw': its gradient norm (the released SL-SAM rule, not "
-            "scale-invariant); 'normalized': gradient norm divided by the largest among the selected arms.",
+            "scale-invariant); 'normalized': gradient norm divided by the largest among the selected arms; 'per_parameter': "
+            "gradient norm / sqrt(number of elements) (the RMS gradient, so big tensors are not favoured for their "
+            "size), divided by the largest.",
             "choices": list(BANDIT_REWARDS),
         },
     )
@@ -110,9 +146,18 @@ class SAMTrainingArguments(TrainingArguments):
         self._check_choice("layer_selection", LAYER_SELECTIONS)
         self._check_choice("arm_granularity", ARM_GRANULARITIES)
         self._check_choice("bandit_reward", BANDIT_REWARDS)
+        self._check_choice("zo_direction", ZO_DIRECTIONS)
+        self._check_choice("sparse_update", SPARSE_UPDATES)
+        self._check_range("sparse_update_max_scale", self.sparse_update_max_scale >= 1, ">= 1")
+        self._check_range("selection_interval", self.selection_interval >= 1, "an integer >= 1")
         self._check_range("sam_rho", self.sam_rho >= 0, ">= 0")
         self._check_range("zo_eps", self.zo_eps > 0, "> 0")
         self._check_range("zo_num_directions", self.zo_num_directions >= 1, "an integer >= 1")
+        if self.zo_direction == "momentum" and self.zo_num_directions != 1:
+            raise ValueError(
+                f"zo_num_directions must be 1 with zo_direction='momentum' (one prior direction), got "
+                f"{self.zo_num_directions}"
+            )
         self._check_range("zo_probe_fraction", 0 < self.zo_probe_fraction <= 1, "in (0, 1]")
         self._check_range("selection_budget", 0 < self.selection_budget <= 1, "in (0, 1]")
         self._check_range("bandit_lr", self.bandit_lr >= 0, ">= 0")

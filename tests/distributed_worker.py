@@ -20,13 +20,25 @@ from slsam_hf import SAMTrainer  # noqa: E402
 from slsam_hf.ascent import gaussian_like  # noqa: E402
 from slsam_hf.trainer import derive_seed  # noqa: E402
 
-MODES = ("none", "sam", "asam", "zo", "lookback")
+MODES = ("none", "sam", "asam", "zo", "msam", "lookback")
 SELECTIONS = ("all", "random", "bandit")
-# (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, plus two accumulating runs.
+# Scenarios named like modes that set more options: the momentum-guided probe and the sparse-update rules.
+VARIANTS = {
+    "zo_momentum": {"sam_mode": "zo", "zo_direction": "momentum", "sparse_update": "momentum"},
+    "none_scale_hold": {"sam_mode": "none", "sparse_update": "scale", "selection_interval": 2,
+                        "bandit_reward": "per_parameter"},
+}
+# (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, plus two accumulating runs,
+# plus the variants with selection.
 COMBINATIONS = [(m, s, lora, 1) for lora in (False, True) for m in MODES for s in SELECTIONS] + [
     ("sam", "bandit", False, 2),
     ("zo", "bandit", False, 2),
-]
+] + [(v, s, lora, 1) for v in VARIANTS for s in ("random", "bandit") for lora in (False, True)]
+
+
+def options(mode):
+    """SAMTrainingArguments fields of a scenario's mode (a sam_mode or a VARIANTS name)."""
+    return VARIANTS.get(mode, {"sam_mode": mode})
 # (LoRA, per-device batch, accumulation) of the rho=0 runs compared with one process on the same global batch.
 RHO_ZERO_RUNS = [(False, 2, 1), (True, 2, 1), (False, 1, 2)]
 ASCENT_RHO = 0.1
@@ -64,7 +76,7 @@ class RecordingSAMTrainer(SAMTrainer):
         params, direction, loss = super()._ascent_direction(model, inputs, num_items_in_batch)
         step = self.steps[-1]
         step["directions"].append(None if direction is None else digest(direction))
-        if self.args.sam_mode == "zo" and direction is not None:
+        if self.args.sam_mode == "zo" and self.args.zo_direction == "gaussian" and direction is not None:
             step["zo_c"].append(self._zero_order_coefficient(params, direction))
         return params, direction, loss
 
@@ -76,10 +88,10 @@ class RecordingSAMTrainer(SAMTrainer):
         dot = sum((g.double() * ui).sum() for g, ui in zip(direction, u))
         return float(dot / sum(ui.square().sum() for ui in u))
 
-    def _zero_order(self, model, inputs, params):
+    def _zero_order(self, model, inputs, params, prior=None):
         self._probe_losses = []
         try:
-            return super()._zero_order(model, inputs, params)
+            return super()._zero_order(model, inputs, params, prior)
         finally:
             self.steps[-1]["probe_losses"].append(self._probe_losses)
             self._probe_losses = None
@@ -205,7 +217,7 @@ def main(output_dir):
     out = Path(output_dir)
     for mode, selection, lora, accumulation in COMBINATIONS:
         tag = combination_tag(mode, selection, lora, accumulation)
-        args = sam_args(out / tag / "trainer", sam_mode=mode, layer_selection=selection, max_steps=3,
+        args = sam_args(out / tag / "trainer", **options(mode), layer_selection=selection, max_steps=3,
                         gradient_accumulation_steps=accumulation, per_device_train_batch_size=4 // accumulation)
         train_and_save(out / tag, RecordingSAMTrainer(model=bert(lora), args=args, train_dataset=classification_data()))
     for lora, batch_size, accumulation in RHO_ZERO_RUNS:

@@ -5,6 +5,7 @@ import torch
 
 from slsam_hf.ascent import (
     cosine_similarity,
+    first_moment,
     first_order_direction,
     gaussian_like,
     perturb,
@@ -121,3 +122,59 @@ def test_perturb_refuses_zero_or_non_finite_direction(bad):
     direction = [torch.full_like(p, bad) for p in params]
     assert perturb(params, direction, rho=0.05) is None
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("flip", [1.0, -1.0], ids=["uphill-prior", "downhill-prior"])
+def test_zero_order_along_a_prior_is_the_prior_signed_uphill(flip):
+    """u = sqrt(n) m / ||m||, g = c u with c the central difference along u: +-m, with the sign of <grad, m>."""
+    params, a, b = make_problem(torch.float64)
+    true = torch.autograd.grad(quadratic(params, a, b), params)
+    g = torch.Generator().manual_seed(3)
+    prior = [flip * t + 0.5 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in true]
+    eps = 1e-3
+    direction = zero_order_direction(lambda: quadratic(params, a, b), params, eps=eps, prior=prior)
+    n = sum(p.numel() for p in params)
+    norm = torch.cat([m.flatten() for m in prior]).norm()
+    u = [m * n**0.5 / norm for m in prior]
+    with torch.no_grad():
+        plus = quadratic([p + eps * ui for p, ui in zip(params, u)], a, b)
+        minus = quadratic([p - eps * ui for p, ui in zip(params, u)], a, b)
+    c = (plus - minus) / (2 * eps)
+    for d, ui in zip(direction, u):
+        torch.testing.assert_close(d, c * ui, rtol=1e-9, atol=1e-12)
+    # The sign is that of the exact directional derivative <grad, m> (autograd), whichever way the prior points.
+    exact = sum((t * m).sum() for t, m in zip(true, prior))
+    assert torch.sign(c) == torch.sign(exact) == flip
+    assert cosine_similarity(direction, list(true)) > 0.5
+
+
+def test_zero_order_along_a_zero_prior_gives_no_direction():
+    params, a, b = make_problem()
+    before = [p.detach().clone() for p in params]
+    prior = [torch.zeros_like(p) for p in params]
+    assert zero_order_direction(lambda: quadratic(params, a, b), params, prior=prior) is None
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_order_along_a_prior_restores_weights_bit_exactly(dtype):
+    params, a, b = make_problem(dtype)
+    before = [p.detach().clone() for p in params]
+    prior = [torch.randn_like(p, dtype=torch.float32) for p in params]
+    assert zero_order_direction(lambda: quadratic(params, a, b), params, eps=0.1, prior=prior) is not None
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("optimizer_cls, key", [(torch.optim.AdamW, "exp_avg"), (torch.optim.SGD, "momentum_buffer")])
+def test_first_moment_is_the_optimizers_state_or_none(optimizer_cls, key):
+    params, a, b = make_problem()
+    stepped, never = params
+    kwargs = {"momentum": 0.9} if optimizer_cls is torch.optim.SGD else {}
+    optimizer = optimizer_cls(params, lr=0.1, **kwargs)
+    for _ in range(2):
+        stepped.grad = 2 * a * stepped.detach()  # only x steps; y never gets a gradient
+        optimizer.step()
+    moments = first_moment(optimizer.state, params)
+    assert moments[0] is optimizer.state[stepped][key] and moments[1] is None
+    # AdamW: m = b1 (1 - b1) g1 + (1 - b1) g2; SGD: buf = 0.9 g1 + g2 (g recomputed by hand at each step)
+    assert moments[0].abs().sum() > 0

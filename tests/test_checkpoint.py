@@ -36,13 +36,21 @@ def assert_same(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("mode, selection", [("zo", "bandit"), ("lookback", "bandit"), ("sam", "random")])
-def test_resume_at_step_k_equals_uninterrupted_run(tmp_path, mode, selection):
-    whole = run(tmp_path / "whole", sam_mode=mode, layer_selection=selection)
+RESUMED = [("zo", "bandit", {}), ("lookback", "bandit", {}), ("sam", "random", {}),
+           ("zo", "bandit", {"zo_direction": "momentum", "sparse_update": "scale"}),
+           ("msam", "bandit", {"sparse_update": "momentum", "bandit_reward": "per_parameter"}),
+           # checkpoint-3 falls inside a held selection (drawn at step 2, held for steps 2 and 3)
+           ("none", "bandit", {"selection_interval": 2, "sparse_update": "scale"})]
+
+
+@pytest.mark.parametrize("mode, selection, options", RESUMED,
+                         ids=[f"{m}-{s}-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, s, o in RESUMED])
+def test_resume_at_step_k_equals_uninterrupted_run(tmp_path, mode, selection, options):
+    whole = run(tmp_path / "whole", sam_mode=mode, layer_selection=selection, **options)
     checkpoint = tmp_path / "whole" / "checkpoint-3"
     assert (checkpoint / SAM_STATE_JSON).is_file()
     assert (checkpoint / LOOKBACK_SAFETENSORS).is_file() == (mode == "lookback")
-    resumed = run(tmp_path / "resumed", resume=str(checkpoint), sam_mode=mode, layer_selection=selection)
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint), sam_mode=mode, layer_selection=selection, **options)
     assert_same(params(whole), params(resumed))
     assert resumed.history.counts == whole.history.counts
 

@@ -56,6 +56,7 @@ def assert_moved(tensors):
                          ids=[worker.combination_tag(*c) for c in worker.COMBINATIONS])
 def test_ranks_draw_the_same_arms_and_directions_and_end_bit_identical(launched, mode, selection, lora, accumulation):
     (r0, t0), (r1, t1) = ranks(launched, worker.combination_tag(mode, selection, lora, accumulation))
+    mode = worker.options(mode)["sam_mode"]
     for record in (r0, r1):
         assert (record["num_processes"], record["backend"], record["wrapper"]) == (2, "gloo", "DistributedDataParallel")
     if selection != "all":

@@ -69,6 +69,27 @@ def test_bandit_update_matches_formula():
     np.testing.assert_allclose(bandit.probabilities, expected, rtol=1e-10)
 
 
+def test_per_parameter_reward_divides_by_sqrt_of_arm_size_then_by_the_largest():
+    sizes = [4, 100, 9, 1, 16, 25]
+    bandit = LayerBandit(6, 0.5, lr=0.05, reward="per_parameter", min_prob=1e-8, seed=0, arm_sizes=sizes)
+    bandit.probabilities = np.array([0.3, 0.5, 0.5, 0.7, 0.5, 0.5])
+    selected = np.array([0, 1, 3])
+    norms = np.array([0.6, 2.0, 0.3])  # RMS: 0.3, 0.2, 0.3 -> normalised 1, 2/3, 1
+    p = bandit.probabilities.copy()
+    bandit.update(selected, norms)
+    a = {0: 1.0, 1: 2 / 3, 3: 1.0}
+    ratios = {i: (a[i] / p[i]) ** 2 for i in a}
+    w = p.copy()
+    for i, r in ratios.items():
+        w[i] = p[i] * np.exp(-0.05 * (max(ratios.values()) - r) / p[i])
+    np.testing.assert_allclose(bandit.probabilities, w * 3.0 / w.sum(), rtol=1e-10)
+    # The same norms rewarded per tensor ('normalized') favour the big arm 1 instead.
+    plain = LayerBandit(6, 0.5, lr=0.05, reward="normalized", min_prob=1e-8, seed=0)
+    plain.probabilities = p.copy()
+    plain.update(selected, norms)
+    assert plain.probabilities[1] > plain.probabilities[0] and bandit.probabilities[1] < bandit.probabilities[0]
+
+
 def test_arm_with_largest_ratio_keeps_its_weight_others_shrink():
     bandit = LayerBandit(5, 0.4, lr=0.1, seed=0)
     before = bandit.probabilities.copy()
@@ -136,7 +157,9 @@ def test_load_state_dict_rejects_bad_state(state, message):
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(budget=0.0), "selection_budget"), (dict(budget=1.5), "selection_budget"),
-     (dict(budget=0.2, min_prob=0.3), "bandit_min_prob"), (dict(budget=0.2, reward="max"), "bandit_reward")],
+     (dict(budget=0.2, min_prob=0.3), "bandit_min_prob"), (dict(budget=0.2, reward="max"), "bandit_reward"),
+     (dict(budget=0.2, reward="per_parameter"), "arm_sizes"),
+     (dict(budget=0.2, reward="per_parameter", arm_sizes=[1, 2, 0, 3]), "arm_sizes")],
 )
 def test_bad_constructor_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):

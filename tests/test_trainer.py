@@ -14,7 +14,7 @@ from slsam_hf import SAMTrainer
 from slsam_hf.ascent import gaussian_like
 from slsam_hf.trainer import derive_seed
 
-MODES = ["none", "sam", "asam", "zo", "lookback"]
+MODES = ["none", "sam", "asam", "zo", "msam", "lookback"]
 
 
 def lora(model):
@@ -112,6 +112,110 @@ def test_zero_order_update_gradient_matches_reference(tmp_path):
     for (name, p), ref in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.grad, ref, atol=1e-5, rtol=1e-4, msg=name)
         assert torch.equal(p.detach(), before[name]), f"{name} not restored exactly"
+
+
+def trained_trainer(tmp_path, **overrides):
+    """A trainer after two AdamW-stepped optimizer steps (so the optimizer has a first moment), no dropout, ready
+    for one more training_step by hand."""
+    args = sam_args(tmp_path, sam_rho=0.1, max_steps=2, **overrides)
+    trainer = SAMTrainer(model=tiny_bert(dropout=0.0), args=args, train_dataset=classification_data())
+    trainer.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad()
+    return trainer
+
+
+def capture_perturbation(monkeypatch):
+    """Records the (params, direction) that the trainer passes to `perturb`."""
+    import slsam_hf.trainer as trainer_module
+
+    seen = []
+
+    def spy(params, direction, rho, adaptive=False):
+        seen.append(([p for p in params], [d.clone() for d in direction]))
+        return trainer_module_perturb(params, direction, rho, adaptive)
+
+    trainer_module_perturb = trainer_module.perturb
+    monkeypatch.setattr(trainer_module, "perturb", spy)
+    return seen
+
+
+def update_gradient_at(model, inputs, params, shift):
+    """Gradient of the loss on `params` at theta + shift (tensor list), computed on a copy of `model`."""
+    reference = copy.deepcopy(model)
+    by_id = {id(p): q for p, q in zip(model.parameters(), reference.parameters())}
+    ref_params = [by_id[id(p)] for p in params]
+    with torch.no_grad():
+        for q, e in zip(ref_params, shift):
+            q.add_(e)
+    for q in reference.parameters():
+        q.requires_grad_(True)
+    return torch.autograd.grad(reference(**inputs).loss, ref_params)
+
+
+@pytest.mark.parametrize("selection", ["all", "bandit"])
+def test_momentum_probe_perturbs_along_adamws_first_moment_signed_by_the_finite_difference(
+        tmp_path, monkeypatch, selection):
+    trainer = trained_trainer(tmp_path, sam_mode="zo", zo_direction="momentum", zo_eps=1e-2,
+                              layer_selection=selection, sparse_update="scale" if selection == "bandit" else "freeze")
+    model, inputs = trainer.model, batch(classification_data())
+    seen = capture_perturbation(monkeypatch)
+    before = params_of(model)
+    trainer.training_step(model, inputs)
+    (params, direction), = seen
+    # The probed tensors: the selected ones (arms drawn this step + the head) that have optimizer state.
+    selected = {id(p) for p in trainer._params}
+    expected_params = [p for p in model.parameters() if id(p) in selected and p in trainer.optimizer.state]
+    assert [id(p) for p in params] == [id(p) for p in expected_params]
+    if selection == "bandit":
+        assert len(params) < len(list(model.parameters()))
+    m = [trainer.optimizer.state[p]["exp_avg"] for p in params]
+    # Independent sign: the central difference of the eval-mode loss along u = sqrt(n) m / ||m||.
+    n = sum(p.numel() for p in params)
+    norm = torch.cat([x.flatten() for x in m]).norm()
+    reference = copy.deepcopy(model).eval()
+    by_id = {id(p): q for p, q in zip(model.parameters(), reference.parameters())}
+    with torch.no_grad():
+        for p, mi in zip(params, m):
+            by_id[id(p)].add_(1e-2 * n**0.5 * mi / norm)
+        plus = reference(**inputs).loss
+        for p, mi in zip(params, m):
+            by_id[id(p)].sub_(2e-2 * n**0.5 * mi / norm)
+        minus = reference(**inputs).loss
+    sign = torch.sign(plus - minus)
+    assert sign != 0
+    for d, mi in zip(direction, m):  # direction = c u: parallel to m, with the finite difference's sign
+        torch.testing.assert_close(d / d.abs().max().clamp_min(1e-30) * mi.abs().max(), sign * mi, rtol=1e-4,
+                                   atol=1e-9)
+    shift = [0.1 * sign * mi / norm for mi in m]
+    expected = update_gradient_at(model, inputs, params, shift)
+    for p, ref in zip(params, expected):
+        torch.testing.assert_close(p.grad, ref, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()), "restored exactly"
+
+
+def test_msam_perturbs_along_minus_the_raw_first_moment(tmp_path, monkeypatch):
+    trainer = trained_trainer(tmp_path, sam_mode="msam", layer_selection="all")
+    model, inputs = trainer.model, batch(classification_data())
+    seen = capture_perturbation(monkeypatch)
+    trainer.training_step(model, inputs)
+    (params, direction), = seen
+    m = [trainer.optimizer.state[p]["exp_avg"] for p in params]
+    assert len(params) == len(list(model.parameters()))
+    assert all(torch.equal(d, -mi) for d, mi in zip(direction, m))
+    norm = torch.cat([x.flatten() for x in m]).norm()
+    expected = update_gradient_at(model, inputs, params, [-0.1 * mi / norm for mi in m])
+    for p, ref in zip(params, expected):
+        torch.testing.assert_close(p.grad, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["msam", "zo"])
+def test_first_step_without_optimizer_state_is_not_perturbed(tmp_path, mode):
+    args = sam_args(tmp_path, sam_mode=mode, zo_direction="momentum", max_steps=3, logging_steps=1)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    skipped = [log["perturbation_skipped"] for log in trainer.state.log_history if "perturbation_skipped" in log]
+    assert skipped[0] == 1 and skipped[-1] == 0
 
 
 class StepRecorder(TrainerCallback):

@@ -17,6 +17,8 @@ def test_defaults_are_the_combined_method():
     assert (args.sam_mode, args.layer_selection, args.sam_rho, args.selection_budget) == ("zo", "bandit", 0.05, 0.2)
     assert (args.zo_num_directions, args.zo_eps, args.bandit_lr, args.arm_granularity) == (1, 1e-3, 1e-3, "tensor")
     assert args.always_selected == ["auto"] and args.zo_probe_fraction == 1.0
+    assert (args.zo_direction, args.sparse_update, args.sparse_update_max_scale, args.selection_interval) == (
+        "gaussian", "freeze", 10.0, 1)
 
 
 def test_every_sam_field_has_help_text():
@@ -32,11 +34,15 @@ def test_command_line_flags():
     parser = HfArgumentParser(SAMTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses([
         "--output_dir", "out", "--sam_mode", "sam", "--layer_selection", "random", "--sam_rho", "0.1",
-        "--selection_budget", "0.5", "--zo_num_directions", "4", "--arm_granularity", "block",
+        "--selection_budget", "0.5", "--arm_granularity", "block",
         "--always_selected", "none", "--bandit_reward", "raw", "--zo_probe_fraction", "0.25",
+        "--zo_direction", "momentum", "--sparse_update", "scale", "--sparse_update_max_scale", "4",
+        "--selection_interval", "20", "--zo_num_directions", "1",
     ])
     assert (args.sam_mode, args.layer_selection, args.sam_rho, args.selection_budget) == ("sam", "random", 0.1, 0.5)
-    assert (args.zo_num_directions, args.arm_granularity, args.always_selected) == (4, "block", ["none"])
+    assert (args.zo_num_directions, args.arm_granularity, args.always_selected) == (1, "block", ["none"])
+    assert (args.zo_direction, args.sparse_update, args.sparse_update_max_scale, args.selection_interval) == (
+        "momentum", "scale", 4.0, 20)
     assert (args.bandit_reward, args.zo_probe_fraction) == ("raw", 0.25)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "o", "--always_selected", "classifier", "pooler"])
     assert args.always_selected == ["classifier", "pooler"]
@@ -50,7 +56,9 @@ def test_command_line_flags():
     ("zo_num_directions", 0, ">= 1"), ("zo_probe_fraction", 0.0, "(0, 1]"), ("zo_probe_fraction", 1.5, "(0, 1]"),
     ("selection_budget", 0.0, "(0, 1]"), ("selection_budget", 1.2, "(0, 1]"), ("bandit_lr", -1.0, ">= 0"),
     ("bandit_min_prob", 0.0, "selection_budget"), ("bandit_min_prob", 0.5, "selection_budget"),
-    ("sam_cosine_log_steps", -1, ">= 0"),
+    ("sam_cosine_log_steps", -1, ">= 0"), ("sam_mode", "msam2", "msam"), ("zo_direction", "prior", "momentum"),
+    ("sparse_update", "carry", "scale"), ("sparse_update_max_scale", 0.5, ">= 1"), ("selection_interval", 0, ">= 1"),
+    ("bandit_reward", "rms", "per_parameter"),
 ])
 def test_bad_values_raise_naming_the_field(field, value, allowed):
     with pytest.raises(ValueError, match=field) as err:
@@ -70,3 +78,8 @@ def test_reentrant_checkpointing_with_partial_selection_is_refused():
         make(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     make(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, layer_selection="all")
     make(gradient_checkpointing=True)
+
+
+def test_momentum_direction_takes_one_probe_direction():
+    with pytest.raises(ValueError, match="zo_num_directions must be 1 with zo_direction='momentum'"):
+        make(zo_direction="momentum", zo_num_directions=4)
