@@ -33,27 +33,25 @@ from step_cost import check_names, load_model, mean_percent, mean_std, read_json
 # mode at a 50 % budget (the candidate default if 20 % costs accuracy).
 METHODS = {
     **COST_METHODS,
-    "sl_zo_paper": {"sam_mode": "zo", "layer_selection": "bandit", "always_selected": ["none"]},
-    "sl_zo_half_budget": {"sam_mode": "zo", "layer_selection": "bandit", "selection_budget": 0.5},
+    "sl_zo_paper": {**COST_METHODS["sl_zo"], "always_selected": ["none"]},
+    "sl_zo_half_budget": {**COST_METHODS["sl_zo"], "selection_budget": 0.5},
     # Sparse-update rules, without perturbation (isolates how a sparse step moves the weights).
-    "sparse_freeze": {"sam_mode": "none", "layer_selection": "bandit"},
+    "sparse_freeze": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "freeze"},
     "sparse_scale": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "scale"},
     "sparse_momentum": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "momentum"},
-    "sparse_hold": {"sam_mode": "none", "layer_selection": "bandit", "selection_interval": 20},
-    "sparse_per_parameter": {"sam_mode": "none", "layer_selection": "bandit", "bandit_reward": "per_parameter"},
+    "sparse_hold": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "freeze",
+                    "selection_interval": 20},
+    "sparse_per_parameter": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "freeze",
+                             "bandit_reward": "per_parameter"},
     "sparse_scale_hold": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "scale",
                           "selection_interval": 20},
     "sparse_scale_per_parameter": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "scale",
                                    "bandit_reward": "per_parameter"},
     # Momentum-guided probe and MSAM, with the sparse rule that kept accuracy (scale).
-    "sl_zo_momentum": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "bandit",
-                       "sparse_update": "scale"},
-    "sl_zo_momentum_rho015": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "bandit",
-                              "sparse_update": "scale", "sam_rho": 0.15},
-    "sl_zo_momentum_probe025": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "bandit",
-                                "sparse_update": "scale", "zo_probe_fraction": 0.25},
-    "sl_msam": {"sam_mode": "msam", "layer_selection": "bandit", "sparse_update": "scale", "sam_rho": 0.5},
-    "zo_momentum_all": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "all"},
+    "sl_zo_momentum_probe025_rho002": {**COST_METHODS["sl_zo_momentum_probe025"], "sam_rho": 0.02},
+    "sl_zo_momentum_probe025_rho015": {**COST_METHODS["sl_zo_momentum_probe025"], "sam_rho": 0.15},
+    "zo_momentum_all": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "all",
+                        "zo_probe_fraction": 1.0},
     "msam_all": {"sam_mode": "msam", "layer_selection": "all", "sam_rho": 0.5},
 }
 

@@ -36,16 +36,26 @@ from slsam_hf.assets import MINILM, SMOLLM2, resolve_model
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
+# The first build's step (Gaussian probe; unselected tensors frozen), spelled out so that the methods below keep their
+# meaning when the defaults of SAMTrainingArguments move.
+FIRST_BUILD = {"zo_direction": "gaussian", "sparse_update": "freeze", "zo_probe_fraction": 1.0}
+
 # Benchmark method name -> SAMTrainingArguments fields. ASAM takes a 10x larger rho (see its help text).
 METHODS = {
     "adamw": {"sam_mode": "none", "layer_selection": "all"},
     "sam": {"sam_mode": "sam", "layer_selection": "all"},
     "asam": {"sam_mode": "asam", "layer_selection": "all", "sam_rho": 0.5},
-    "zo_sam": {"sam_mode": "zo", "layer_selection": "all"},
-    "sl_sam": {"sam_mode": "sam", "layer_selection": "bandit"},
-    "sl_zo": {"sam_mode": "zo", "layer_selection": "bandit"},
-    "sl_lookback": {"sam_mode": "lookback", "layer_selection": "bandit"},
-    "random_zo": {"sam_mode": "zo", "layer_selection": "random"},
+    "zo_sam": {"sam_mode": "zo", "layer_selection": "all", **FIRST_BUILD},
+    "sl_sam": {"sam_mode": "sam", "layer_selection": "bandit", **FIRST_BUILD},
+    "sl_zo": {"sam_mode": "zo", "layer_selection": "bandit", **FIRST_BUILD},
+    "sl_lookback": {"sam_mode": "lookback", "layer_selection": "bandit", **FIRST_BUILD},
+    "random_zo": {"sam_mode": "zo", "layer_selection": "random", **FIRST_BUILD},
+    # The momentum-guided probe and MSAM with the 1/p-scaled sparse update (the candidates of the default).
+    "sl_zo_momentum": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "bandit",
+                       "sparse_update": "scale", "zo_probe_fraction": 1.0},
+    "sl_zo_momentum_probe025": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "bandit",
+                                "sparse_update": "scale", "zo_probe_fraction": 0.25},
+    "sl_msam": {"sam_mode": "msam", "layer_selection": "bandit", "sparse_update": "scale", "sam_rho": 0.5},
 }
 
 MODELS = {
@@ -55,6 +65,12 @@ MODELS = {
 }
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+
+
+def method_options(args, method: str) -> dict:
+    """SAMTrainingArguments fields of `method`, with the options `args` overrides (those not None)."""
+    overrides = ("selection_budget", "arm_granularity", "zo_probe_fraction")
+    return {**METHODS[method], **{k: getattr(args, k) for k in overrides if getattr(args, k, None) is not None}}
 
 
 def check_names(option: str, values: list, allowed) -> None:
@@ -98,9 +114,12 @@ class StepCostArguments:
     warmup_steps: int = field(default=2, metadata={"help": "Optimizer steps run before timing starts."})
     batch_size: int | None = field(default=None, metadata={"help": "Override the model's batch size."})
     seq_length: int | None = field(default=None, metadata={"help": "Override the model's sequence length."})
-    selection_budget: float = field(default=0.2, metadata={"help": "selection_budget of the selection methods."})
-    arm_granularity: str = field(default="tensor", metadata={"help": "arm_granularity: 'tensor' or 'block'."})
-    zo_probe_fraction: float = field(default=1.0, metadata={"help": "zo_probe_fraction of the zero-order methods."})
+    selection_budget: float | None = field(
+        default=None, metadata={"help": "Override every method's selection_budget (default: the method's own)."})
+    arm_granularity: str | None = field(
+        default=None, metadata={"help": "Override every method's arm_granularity: 'tensor' or 'block'."})
+    zo_probe_fraction: float | None = field(
+        default=None, metadata={"help": "Override every method's zo_probe_fraction (default: the method's own)."})
     threads: int | None = field(
         default=None,
         metadata={"help": "torch CPU threads per run (default: torch's). 1 makes CPU time a clean measure of work on "
@@ -278,9 +297,8 @@ def measure(args: StepCostArguments, model_key: str, method: str) -> dict:
         training_args = SAMTrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=total_steps,
             learning_rate=2e-5, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-            dataloader_num_workers=0, seed=0, use_cpu=not cuda, selection_budget=args.selection_budget,
-            arm_granularity=args.arm_granularity, zo_probe_fraction=args.zo_probe_fraction, bf16=args.bf16,
-            **METHODS[method],
+            dataloader_num_workers=0, seed=0, use_cpu=not cuda, bf16=args.bf16,
+            **method_options(args, method),
         )
         trainer = SAMTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[probe])
         baseline = memory_in_use(cuda)

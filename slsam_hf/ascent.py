@@ -6,6 +6,7 @@ only.
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -126,3 +127,108 @@ def cosine_similarity(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """cos(a, b) of two directions given as tensor lists."""
     dot = sum((x.float() * y.float()).sum() for x, y in zip(a, b))
     return float(dot / (grad_norm(a) * grad_norm(b)).clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------ one object per ascent direction (sam_mode)
+
+
+class AscentSource(Protocol):
+    """What a direction may ask about the current micro-batch (the trainer answers)."""
+
+    seed: int  # seed of this micro-batch's private draws
+
+    def gradient(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """d loss / d params at theta (one backward pass)."""
+
+    def loss(self) -> torch.Tensor:
+        """The loss at the current parameters, no grad (a zero-order probe)."""
+
+    def first_moment(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The base optimizer's first moment m of each tensor (None: no state yet)."""
+
+    def previous_gradient(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each tensor's update gradient of the previous step (None: not known)."""
+
+
+def known(params: list[torch.Tensor], directions: list[torch.Tensor | None]) -> tuple[list, list | None]:
+    """The params whose direction is known (not None) and those directions; (params, None) when none is."""
+    pairs = [(p, d) for p, d in zip(params, directions) if d is not None]
+    if not pairs:
+        return params, None
+    return [p for p, _ in pairs], [d for _, d in pairs]
+
+
+class AscentDirection:
+    """How one `sam_mode` finds the ascent direction g on the selected tensors.
+
+    `direction(params, source)` returns (the tensors g covers, g), or (params, None): no perturbation this
+    micro-batch. `adaptive`: perturb by ASAM's rule. `first_order`: g is the loss gradient at theta (its norms can
+    reward the bandit).
+    """
+
+    adaptive = False
+    first_order = False
+
+    def direction(self, params: list[torch.Tensor], source: AscentSource) -> tuple[list, list | None]:
+        raise NotImplementedError
+
+
+class GradientAscent(AscentDirection):
+    """SAM: g = dL/dtheta (one extra backward); ASAM with `adaptive`."""
+
+    first_order = True
+
+    def __init__(self, adaptive: bool = False):
+        self.adaptive = adaptive
+
+    def direction(self, params, source):
+        return params, source.gradient(params)
+
+
+class LookbackAscent(AscentDirection):
+    """g = the previous step's update gradient, on the tensors that have one (no extra pass)."""
+
+    def direction(self, params, source):
+        return known(params, source.previous_gradient(params))
+
+
+class MomentumAscent(AscentDirection):
+    """MSAM (arXiv 2401.12033): g = -m, the base optimizer's first moment negated (no extra pass)."""
+
+    def direction(self, params, source):
+        params, m = known(params, source.first_moment(params))
+        return params, None if m is None else torch._foreach_neg(m)
+
+
+class ZeroOrderAscent(AscentDirection):
+    """ZO-SAM: the two-point estimate along m Gaussian directions (`zero_order_direction`), or along the base
+    optimizer's first moment (`along_momentum`: g = sign(c) * m-direction, on the tensors that have one)."""
+
+    def __init__(self, num_directions: int = 1, eps: float = 1e-3, along_momentum: bool = False):
+        self.num_directions, self.eps, self.along_momentum = num_directions, eps, along_momentum
+
+    def direction(self, params, source):
+        prior = None
+        if self.along_momentum:
+            params, prior = known(params, source.first_moment(params))
+            if prior is None:
+                return params, None
+        return params, zero_order_direction(source.loss, params, self.num_directions, self.eps, source.seed, prior)
+
+
+def ascent_direction(sam_mode: str, zo_direction: str = "gaussian", zo_num_directions: int = 1,
+                     zo_eps: float = 1e-3) -> AscentDirection | None:
+    """The direction object of a `sam_mode` ('none': None)."""
+    if sam_mode == "none":
+        return None
+    if sam_mode in ("sam", "asam"):
+        return GradientAscent(adaptive=sam_mode == "asam")
+    if sam_mode == "lookback":
+        return LookbackAscent()
+    if sam_mode == "msam":
+        return MomentumAscent()
+    if sam_mode == "zo":
+        if zo_direction not in ("gaussian", "momentum"):
+            raise ValueError(f"zo_direction must be one of ['gaussian', 'momentum'], got {zo_direction!r}")
+        return ZeroOrderAscent(zo_num_directions, zo_eps, along_momentum=zo_direction == "momentum")
+    raise ValueError(f"sam_mode must be one of ['none', 'sam', 'asam', 'zo', 'msam', 'lookback'], got {sam_mode!r}")

@@ -21,13 +21,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arms import group_arms
 from .ascent import (
+    LookbackAscent,
+    ascent_direction,
     cosine_similarity,
     first_moment,
     first_order_direction,
     perturb,
     restore,
     tensor_norms,
-    zero_order_direction,
 )
 from .checkpoint import has_sam_state, load_sam_state, save_sam_state
 from .history import SelectionHistory
@@ -86,6 +87,8 @@ class SAMTrainerMixin:
         named.append(zip(self.always_selected.param_names, self.always_selected.params))
         self._trainable = {name: p for pairs in named for name, p in pairs}
         self._trainable_numel = sum(p.numel() for p in self._trainable.values())
+        self._names = {p: name for name, p in self._trainable.items()}
+        self.ascent = ascent_direction(args.sam_mode, args.zo_direction, args.zo_num_directions, args.zo_eps)
         self._lookback: dict[str, torch.Tensor] = {}
         self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
         self._optimizer_hooks = []
@@ -158,12 +161,12 @@ class SAMTrainerMixin:
         if self._step_started != self.state.global_step:
             self._begin_step()
         inputs = self._prepare_inputs(inputs)
-        perturbing = args.sam_mode != "none" and args.sam_rho > 0
+        perturbing = self.ascent is not None and args.sam_rho > 0
         backup, params, clean_loss = None, [], None
         if perturbing:
             params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
             if direction is not None:
-                backup = perturb(params, direction, args.sam_rho, adaptive=args.sam_mode == "asam")
+                backup = perturb(params, direction, args.sam_rho, adaptive=self.ascent.adaptive)
             del direction
         loss = super().training_step(model, inputs, num_items_in_batch)
         if backup is not None:
@@ -217,12 +220,13 @@ class SAMTrainerMixin:
         active = sum(p.numel() for p in self._trainable.values() if p.grad is not None)
         window["active"] += active / self._trainable_numel
         window["selected"] += len(self._selected)
-        bandit, mode = isinstance(self.selector, LayerBandit), self.args.sam_mode
+        bandit, lookback = isinstance(self.selector, LayerBandit), isinstance(self.ascent, LookbackAscent)
+        first_order = self.ascent is not None and self.ascent.first_order  # rewards came from the ascent pass
         grads = [p.grad for p in self._params]
-        if (bandit and mode not in ("sam", "asam")) or mode == "lookback":
+        if (bandit and not first_order) or lookback:
             norms = self._tensor_norms(grads)  # one pass and one host transfer, shared by rewards and lookback
         if bandit:
-            if mode not in ("sam", "asam"):
+            if not first_order:
                 self._rewards = self._arm_norms(norms)
             rewards = self._rewards
             if self.accelerator.num_processes > 1:
@@ -230,41 +234,21 @@ class SAMTrainerMixin:
                 rewards = rewards.cpu().numpy()
             if not self.selector.update(self._selected, rewards):
                 window["bandit_skipped"] += 1
-        if mode == "lookback" and np.isfinite(norms).all():
+        if lookback and np.isfinite(norms).all():
             for name, g in zip(self._param_names, grads):
                 if g is not None:
                     self._lookback[name] = self._lookback[name].copy_(g) if name in self._lookback else g.clone()
 
     def _ascent_direction(self, model, inputs, num_items_in_batch):
         """(params, direction g, unperturbed loss or None) for this micro-batch; g None: no perturbation."""
-        mode, params = self.args.sam_mode, self._params
-        if mode in ("sam", "asam"):
-            grads, loss = self._first_order(model, inputs, num_items_in_batch, params)
-            if isinstance(self.selector, LayerBandit):
-                self._rewards += self._arm_norms(self._tensor_norms(grads[: len(self._arm_params)]))
-            return params, grads, loss
-        if mode == "lookback":
-            params, direction = self._known(params, [self._lookback.get(n) for n in self._param_names])
-        elif mode == "msam":  # MSAM: epsilon = -rho * m / ||m||
-            params, direction = self._known(params, first_moment(self.optimizer.state, params))
-            direction = None if direction is None else torch._foreach_neg(direction)
-        elif self.args.zo_direction == "momentum":
-            params, prior = self._known(params, first_moment(self.optimizer.state, params))
-            direction = None if prior is None else self._zero_order(model, inputs, params, prior)
-        else:
-            direction = self._zero_order(model, inputs, params)
-        if direction is not None and self._cosine_due():
+        source = _MicroBatch(self, model, inputs, num_items_in_batch)
+        params, direction = self.ascent.direction(self._params, source)
+        if self.ascent.first_order and isinstance(self.selector, LayerBandit):
+            self._rewards += self._arm_norms(self._tensor_norms(direction[: len(self._arm_params)]))
+        if direction is not None and not self.ascent.first_order and self._cosine_due():
             true_grad, _ = self._first_order(model, inputs, num_items_in_batch, params)
             self._window["cosine"].append(cosine_similarity(direction, true_grad))
-        return params, direction, None
-
-    @staticmethod
-    def _known(params, directions):
-        """The params whose direction is known (not None) and those directions; (params, None) when none is."""
-        known = [(p, d) for p, d in zip(params, directions) if d is not None]
-        if not known:
-            return params, None
-        return [p for p, _ in known], [d for _, d in known]
+        return params, direction, source.clean_loss
 
     def _first_order(self, model, inputs, num_items_in_batch, params):
         """Train-mode loss at theta and its gradient on `params` (per process, under no_sync; .grad untouched)."""
@@ -277,26 +261,19 @@ class SAMTrainerMixin:
             grads = first_order_direction(scaler.scale(loss) if scaler is not None else loss, params)
         return grads, loss.detach()
 
-    def _zero_order(self, model, inputs, params, prior=None):
-        """ZO-SAM's forward-only estimate on `params` (along `prior` if given), dropout off, losses averaged over
-        processes."""
-        args = self.args
-        rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        keep = max(1, int(round(rows * args.zo_probe_fraction)))
-        probe = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
-                 for k, v in inputs.items()}
-
-        def probe_loss():
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, probe).detach()
-            return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
-
+    def _probe_loss(self, model, probe_inputs):
+        """A zero-order probe: the no-grad loss with dropout off, averaged over processes."""
         model.eval()
-        with self._off_the_record():
-            return zero_order_direction(
-                probe_loss, params, args.zo_num_directions, args.zo_eps,
-                seed=derive_seed(args.seed, self.state.global_step, self._micro_step), prior=prior,
-            )
+        with self._off_the_record(), torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, probe_inputs).detach()
+        return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
+
+    def _probe_inputs(self, inputs):
+        """The leading `zo_probe_fraction` of the micro-batch's rows."""
+        rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        keep = max(1, int(round(rows * self.args.zo_probe_fraction)))
+        return {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+                for k, v in inputs.items()}
 
     def _scale_for_accumulation(self, loss, num_items_in_batch):
         """The gradient-accumulation scaling stock `training_step` applies before its backward."""
@@ -359,11 +336,11 @@ class SAMTrainerMixin:
         """Adds the SAM figures, averaged over the logging window, to the Trainer's training logs."""
         window = self._window
         if "loss" in logs and window["steps"] > 0:
-            steps, mode = window["steps"], self.args.sam_mode
-            if mode != "none" and self.args.sam_rho > 0:
+            steps = window["steps"]
+            if self.ascent is not None and self.args.sam_rho > 0:
                 logs["loss_perturbed"] = self._window_mean(window["perturbed_loss"], steps)
                 logs["perturbation_skipped"] = window["skipped"]
-                if mode in ("sam", "asam"):
+                if self.ascent.first_order:
                     logs["sharpness"] = self._window_mean(window["sharpness"], steps)
             if window["cosine"]:
                 logs["ascent_cosine"] = float(np.mean(window["cosine"]))
@@ -418,6 +395,32 @@ class SAMTrainerMixin:
         lookback, self._held = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector,
                                               self.history, set(self._trainable))
         self._lookback = {name: g.to(self._trainable[name].device) for name, g in lookback.items()}
+
+
+class _MicroBatch:
+    """The trainer's answers to an ascent direction's questions about one micro-batch (`ascent.AscentSource`)."""
+
+    def __init__(self, trainer, model, inputs, num_items_in_batch):
+        self.trainer, self.model, self.inputs, self.num_items_in_batch = trainer, model, inputs, num_items_in_batch
+        self.seed = derive_seed(trainer.args.seed, trainer.state.global_step, trainer._micro_step)
+        self.clean_loss = None  # the train-mode loss at theta, when `gradient` computed it
+        self._probe_inputs = None
+
+    def gradient(self, params):
+        grads, self.clean_loss = self.trainer._first_order(self.model, self.inputs, self.num_items_in_batch, params)
+        return grads
+
+    def loss(self):
+        if self._probe_inputs is None:
+            self._probe_inputs = self.trainer._probe_inputs(self.inputs)
+        return self.trainer._probe_loss(self.model, self._probe_inputs)
+
+    def first_moment(self, params):
+        optimizer = self.trainer.optimizer  # None before the first create_optimizer: no state yet
+        return first_moment({} if optimizer is None else optimizer.state, params)
+
+    def previous_gradient(self, params):
+        return [self.trainer._lookback.get(self.trainer._names[p]) for p in params]
 
 
 class SAMTrainer(SAMTrainerMixin, Trainer):

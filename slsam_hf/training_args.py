@@ -36,7 +36,7 @@ class SAMTrainingArguments(TrainingArguments):
         default=0.05, metadata={"help": "Perturbation radius rho: epsilon = rho * g / ||g||. 0 disables it."}
     )
     zo_direction: str = field(
-        default="gaussian",
+        default="momentum",
         metadata={
             "help": "Probe direction u of sam_mode='zo'. 'gaussian': u ~ N(0, I) (ZO-SAM); 'momentum': u = the base "
             "optimizer's first moment (AdamW exp_avg, SGD momentum_buffer) over the selected tensors, so the probe "
@@ -55,7 +55,7 @@ class SAMTrainingArguments(TrainingArguments):
         metadata={"help": "Finite-difference step delta of the zero-order estimate: (l(t+du) - l(t-du)) / 2delta."},
     )
     zo_probe_fraction: float = field(
-        default=1.0,
+        default=0.25,
         metadata={
             "help": "Share of each micro-batch (leading rows) the zero-order probe forwards use, in (0, 1]: "
             "trades the probe's cost against its noise."
@@ -74,7 +74,7 @@ class SAMTrainingArguments(TrainingArguments):
         metadata={"help": "Budget s in (0, 1]: expected share of arms selected per step (sum of p = s * N)."},
     )
     sparse_update: str = field(
-        default="freeze",
+        default="scale",
         metadata={
             "help": "How a step with layer selection moves the weights. 'freeze': only selected tensors get a "
             "gradient and move (SL-SAM); 'scale': as 'freeze', and each selected arm's optimizer step (including "
@@ -100,9 +100,9 @@ class SAMTrainingArguments(TrainingArguments):
         default="normalized",
         metadata={
             "help": "Reward a_i of a selected arm. 'raw': its gradient norm (the released SL-SAM rule, not "
-            "scale-invariant); 'normalized': gradient norm divided by the largest among the selected arms; 'per_parameter': "
-            "gradient norm / sqrt(number of elements) (the RMS gradient, so big tensors are not favoured for their "
-            "size), divided by the largest.",
+            "scale-invariant); 'normalized': gradient norm divided by the largest among the selected arms; "
+            "'per_parameter': gradient norm / sqrt(number of elements) (the RMS gradient, so big tensors are not "
+            "favoured for their size), divided by the largest.",
             "choices": list(BANDIT_REWARDS),
         },
     )

@@ -22,17 +22,22 @@ from slsam_hf.trainer import derive_seed  # noqa: E402
 
 MODES = ("none", "sam", "asam", "zo", "msam", "lookback")
 SELECTIONS = ("all", "random", "bandit")
-# Scenarios named like modes that set more options: the momentum-guided probe and the sparse-update rules.
+# Scenarios named like modes that set more options: the first build's Gaussian probe, the momentum-guided probe with
+# the momentum sparse-update rule, and the other sparse-update options ("zo" alone is the default step).
 VARIANTS = {
+    "zo_gaussian": {"sam_mode": "zo", "zo_direction": "gaussian", "sparse_update": "freeze", "zo_probe_fraction": 1.0},
     "zo_momentum": {"sam_mode": "zo", "zo_direction": "momentum", "sparse_update": "momentum"},
     "none_scale_hold": {"sam_mode": "none", "sparse_update": "scale", "selection_interval": 2,
                         "bandit_reward": "per_parameter"},
 }
-# (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, plus two accumulating runs,
-# plus the variants with selection.
+# (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, plus accumulating runs,
+# plus the variants with selection (the Gaussian probe with every selection).
 COMBINATIONS = [(m, s, lora, 1) for lora in (False, True) for m in MODES for s in SELECTIONS] + [
     ("sam", "bandit", False, 2),
     ("zo", "bandit", False, 2),
+    ("zo_gaussian", "bandit", False, 2),
+    ("zo_gaussian", "all", False, 1),
+    ("zo_gaussian", "all", True, 1),
 ] + [(v, s, lora, 1) for v in VARIANTS for s in ("random", "bandit") for lora in (False, True)]
 
 
@@ -73,8 +78,14 @@ class RecordingSAMTrainer(SAMTrainer):
         self.steps.append({"selected": self._selected.tolist(), "directions": [], "zo_c": [], "probe_losses": []})
 
     def _ascent_direction(self, model, inputs, num_items_in_batch):
-        params, direction, loss = super()._ascent_direction(model, inputs, num_items_in_batch)
         step = self.steps[-1]
+        self._probe_losses = [] if self.args.sam_mode == "zo" else None
+        try:
+            params, direction, loss = super()._ascent_direction(model, inputs, num_items_in_batch)
+        finally:
+            if self._probe_losses is not None:
+                step["probe_losses"].append(self._probe_losses)
+            self._probe_losses = None
         step["directions"].append(None if direction is None else digest(direction))
         if self.args.sam_mode == "zo" and self.args.zo_direction == "gaussian" and direction is not None:
             step["zo_c"].append(self._zero_order_coefficient(params, direction))
@@ -87,14 +98,6 @@ class RecordingSAMTrainer(SAMTrainer):
         u = [gaussian_like(p, generators, seed).double() for p in params]
         dot = sum((g.double() * ui).sum() for g, ui in zip(direction, u))
         return float(dot / sum(ui.square().sum() for ui in u))
-
-    def _zero_order(self, model, inputs, params, prior=None):
-        self._probe_losses = []
-        try:
-            return super()._zero_order(model, inputs, params, prior)
-        finally:
-            self.steps[-1]["probe_losses"].append(self._probe_losses)
-            self._probe_losses = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -4,6 +4,11 @@ import pytest
 import torch
 
 from slsam_hf.ascent import (
+    GradientAscent,
+    LookbackAscent,
+    MomentumAscent,
+    ZeroOrderAscent,
+    ascent_direction,
     cosine_similarity,
     first_moment,
     first_order_direction,
@@ -178,3 +183,72 @@ def test_first_moment_is_the_optimizers_state_or_none(optimizer_cls, key):
     assert moments[0] is optimizer.state[stepped][key] and moments[1] is None
     # AdamW: m = b1 (1 - b1) g1 + (1 - b1) g2; SGD: buf = 0.9 g1 + g2 (g recomputed by hand at each step)
     assert moments[0].abs().sum() > 0
+
+
+class QuadraticSource:
+    """An `AscentSource` over the quadratic: x has optimizer state and a previous gradient, y has neither."""
+
+    seed = 5
+
+    def __init__(self, params, a, b):
+        self.params, self.a, self.b = params, a, b
+        g = torch.Generator().manual_seed(1)
+        self.moment = {params[0]: torch.randn(params[0].shape, generator=g)}
+        self.previous = {params[0]: torch.randn(params[0].shape, generator=g)}
+
+    def gradient(self, params):
+        return list(torch.autograd.grad(quadratic(self.params, self.a, self.b), params))
+
+    def loss(self):
+        return quadratic(self.params, self.a, self.b)
+
+    def first_moment(self, params):
+        return [self.moment.get(p) for p in params]
+
+    def previous_gradient(self, params):
+        return [self.previous.get(p) for p in params]
+
+
+def test_direction_objects_use_what_each_mode_knows():
+    params, a, b = make_problem()
+    x, y = params
+    source = QuadraticSource(params, a, b)
+    covered, g = GradientAscent().direction(params, source)
+    assert covered == params and torch.allclose(g[0], 2 * a * x) and torch.allclose(g[1], b)
+    # Lookback and MSAM cover only x (the tensor with a previous gradient / a first moment).
+    covered, g = LookbackAscent().direction(params, source)
+    assert covered == [x] and torch.equal(g[0], source.previous[x])
+    covered, g = MomentumAscent().direction(params, source)
+    assert covered == [x] and torch.equal(g[0], -source.moment[x])
+    # The momentum-guided probe is zero_order_direction along m on x; the Gaussian one draws over both tensors.
+    covered, g = ZeroOrderAscent(eps=1e-2, along_momentum=True).direction(params, source)
+    expected = zero_order_direction(source.loss, [x], eps=1e-2, seed=5, prior=[source.moment[x]])
+    assert covered == [x] and torch.equal(g[0], expected[0])
+    covered, g = ZeroOrderAscent(num_directions=2, eps=1e-2).direction(params, source)
+    expected = zero_order_direction(source.loss, params, num_directions=2, eps=1e-2, seed=5)
+    assert covered == params and all(torch.equal(u, v) for u, v in zip(g, expected))
+
+
+def test_directions_without_state_give_no_perturbation():
+    params, a, b = make_problem()
+    source = QuadraticSource(params, a, b)
+    source.moment, source.previous = {}, {}
+    for direction in (LookbackAscent(), MomentumAscent(), ZeroOrderAscent(along_momentum=True)):
+        covered, g = direction.direction(params, source)
+        assert covered == params and g is None
+
+
+@pytest.mark.parametrize(("mode", "cls", "adaptive"), [("sam", GradientAscent, False), ("asam", GradientAscent, True),
+                                                      ("zo", ZeroOrderAscent, False), ("msam", MomentumAscent, False),
+                                                      ("lookback", LookbackAscent, False)])
+def test_ascent_direction_builds_each_mode(mode, cls, adaptive):
+    direction = ascent_direction(mode, "momentum", 1, 1e-2)
+    assert type(direction) is cls and direction.adaptive == adaptive
+    assert direction.first_order == (mode in ("sam", "asam"))
+    if mode == "zo":
+        assert direction.along_momentum and direction.eps == 1e-2
+    assert ascent_direction("none") is None
+    with pytest.raises(ValueError, match="sam_mode must be one of"):
+        ascent_direction("adam")
+    with pytest.raises(ValueError, match="zo_direction must be one of"):
+        ascent_direction("zo", "uniform")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import ascent_cosine
 import glue_accuracy
 import llm_accuracy
 import step_cost
@@ -20,12 +21,13 @@ def run_benchmark(module, *args) -> None:
 
 
 def test_step_cost_counts_passes_and_writes_ratios(tmp_path):
-    run_benchmark(step_cost, "--models", "minilm", "--methods", "adamw", "sam", "sl_zo", "--repeats", 1,
+    run_benchmark(step_cost, "--models", "minilm", "--methods", "adamw", "sam", "sl_zo", "sl_zo_momentum_probe025",
+                  "--repeats", 1,
                   "--steps", 2, "--warmup_steps", 1, "--batch_size", 2, "--seq_length", 16, "--threads", 1,
                   "--output_dir", tmp_path, "--tag", "tiny")
     result = json.loads((tmp_path / "tiny.json").read_text())
     rows = {row["method"]: row for row in result["summary"]}
-    assert set(rows) == {"adamw", "sam", "sl_zo"}
+    assert set(rows) == {"adamw", "sam", "sl_zo", "sl_zo_momentum_probe025"}
     # Passes per step, counted by hooks: AdamW F+B, SAM 2F+2B, ZO-SAM (m=1) 2 no-grad F0 + F + B.
     assert (rows["adamw"]["forward_nograd"], rows["adamw"]["forward_grad"], rows["adamw"]["backward"]) == (0, 1, 1)
     assert (rows["sam"]["forward_nograd"], rows["sam"]["forward_grad"], rows["sam"]["backward"]) == (0, 2, 2)
@@ -70,3 +72,18 @@ def test_llm_accuracy_reports_finetuned_model(tmp_path):
     assert math.isclose(result["perplexity"], math.exp(result["heldout_loss"]), rel_tol=1e-6)
     assert result["accuracy"]["arc_easy"] in (0.0, 0.5, 1.0)
     assert "| sl_zo | 1 |" in (tmp_path / "llm_accuracy.md").read_text()
+
+
+def test_ascent_cosine_separates_the_momentum_probe_from_the_gaussian_one(tmp_path):
+    run_benchmark(ascent_cosine, "--models", "minilm", "--methods", "sl_zo", "sl_zo_momentum", "--steps", 3,
+                  "--seq_length", 16, "--output_dir", tmp_path)
+    runs = {r["method"]: r for r in read_jsonl(tmp_path / "ascent_cosine.jsonl")}
+    assert set(runs) == {"sl_zo", "sl_zo_momentum"}
+    for r in runs.values():
+        assert r["steps"] == 3 and len(r["cosines"]) + r["skipped"] == 3
+        assert all(-1 <= c <= 1 for c in r["cosines"])
+    assert runs["sl_zo_momentum"]["skipped"] == 1  # the first step has no optimizer state to probe along
+    assert runs["sl_zo"]["coverage"] == [1.0] * 3  # a Gaussian direction spans every selected tensor
+    coverage = runs["sl_zo_momentum"]["coverage"]
+    assert len(coverage) == 3 and coverage[0] == 0 and all(0 < c <= 1 for c in coverage[1:])
+    assert min(runs["sl_zo_momentum"]["cosines"]) > 0.1 and max(abs(c) for c in runs["sl_zo"]["cosines"]) < 0.05

@@ -87,7 +87,8 @@ def test_first_order_update_gradient_matches_reference(tmp_path, mode):
 def test_zero_order_update_gradient_matches_reference(tmp_path):
     model = tiny_bert(dropout=0.0)
     reference = copy.deepcopy(model)
-    trainer = one_step_trainer(tmp_path, model, sam_mode="zo", zo_eps=1e-2)
+    trainer = one_step_trainer(tmp_path, model, sam_mode="zo", zo_direction="gaussian", zo_probe_fraction=1.0,
+                               zo_eps=1e-2)
     inputs = batch(classification_data())
     before = params_of(model)
     trainer.training_step(model, inputs)
@@ -153,12 +154,13 @@ def update_gradient_at(model, inputs, params, shift):
     return torch.autograd.grad(reference(**inputs).loss, ref_params)
 
 
-@pytest.mark.parametrize("selection", ["all", "bandit"])
+@pytest.mark.parametrize(("selection", "fraction"), [("all", 1.0), ("bandit", 1.0), ("bandit", 0.5)])
 def test_momentum_probe_perturbs_along_adamws_first_moment_signed_by_the_finite_difference(
-        tmp_path, monkeypatch, selection):
-    trainer = trained_trainer(tmp_path, sam_mode="zo", zo_direction="momentum", zo_eps=1e-2,
+        tmp_path, monkeypatch, selection, fraction):
+    trainer = trained_trainer(tmp_path, sam_mode="zo", zo_direction="momentum", zo_eps=1e-2, zo_probe_fraction=fraction,
                               layer_selection=selection, sparse_update="scale" if selection == "bandit" else "freeze")
     model, inputs = trainer.model, batch(classification_data())
+    probe_rows = {k: v[: int(4 * fraction)] for k, v in inputs.items()}  # the probe sees the leading rows only
     seen = capture_perturbation(monkeypatch)
     before = params_of(model)
     trainer.training_step(model, inputs)
@@ -178,15 +180,17 @@ def test_momentum_probe_perturbs_along_adamws_first_moment_signed_by_the_finite_
     with torch.no_grad():
         for p, mi in zip(params, m):
             by_id[id(p)].add_(1e-2 * n**0.5 * mi / norm)
-        plus = reference(**inputs).loss
+        plus = reference(**probe_rows).loss
         for p, mi in zip(params, m):
             by_id[id(p)].sub_(2e-2 * n**0.5 * mi / norm)
-        minus = reference(**inputs).loss
+        minus = reference(**probe_rows).loss
     sign = torch.sign(plus - minus)
     assert sign != 0
     for d, mi in zip(direction, m):  # direction = c u: parallel to m, with the finite difference's sign
         torch.testing.assert_close(d / d.abs().max().clamp_min(1e-30) * mi.abs().max(), sign * mi, rtol=1e-4,
                                    atol=1e-9)
+    c = sum((d * mi).sum() for d, mi in zip(direction, m)) / (n**0.5 * norm)  # direction = c sqrt(n) m / ||m||
+    assert c == pytest.approx(float((plus - minus) / 2e-2), rel=1e-3, abs=1e-6)
     shift = [0.1 * sign * mi / norm for mi in m]
     expected = update_gradient_at(model, inputs, params, shift)
     for p, ref in zip(params, expected):
@@ -378,7 +382,7 @@ def test_bf16_autocast_on_cpu_runs_every_mode(tmp_path, mode):
 def test_bf16_weights_are_restored_exactly(tmp_path):
     model = tiny_bert(dropout=0.0).to(torch.bfloat16)
     for mode in ("zo", "sam", "asam"):
-        trainer = one_step_trainer(tmp_path / mode, model, sam_mode=mode)
+        trainer = one_step_trainer(tmp_path / mode, model, sam_mode=mode, zo_direction="gaussian")
         before = params_of(model)
         trainer.training_step(model, batch(classification_data()))
         assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()), mode
@@ -409,7 +413,8 @@ def test_logs_and_selection_history(tmp_path):
 
 
 def test_cosine_diagnostic_is_logged(tmp_path):
-    args = sam_args(tmp_path, sam_mode="zo", max_steps=2, sam_cosine_log_steps=1, zo_num_directions=4)
+    args = sam_args(tmp_path, sam_mode="zo", zo_direction="gaussian", max_steps=2, sam_cosine_log_steps=1,
+                    zo_num_directions=4)
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
     trainer.train()
     cosines = [log["ascent_cosine"] for log in trainer.state.log_history if "ascent_cosine" in log]

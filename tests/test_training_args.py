@@ -16,9 +16,9 @@ def test_defaults_are_the_combined_method():
     args = make()
     assert (args.sam_mode, args.layer_selection, args.sam_rho, args.selection_budget) == ("zo", "bandit", 0.05, 0.2)
     assert (args.zo_num_directions, args.zo_eps, args.bandit_lr, args.arm_granularity) == (1, 1e-3, 1e-3, "tensor")
-    assert args.always_selected == ["auto"] and args.zo_probe_fraction == 1.0
+    assert args.always_selected == ["auto"] and args.zo_probe_fraction == 0.25
     assert (args.zo_direction, args.sparse_update, args.sparse_update_max_scale, args.selection_interval) == (
-        "gaussian", "freeze", 10.0, 1)
+        "momentum", "scale", 10.0, 1)
 
 
 def test_every_sam_field_has_help_text():

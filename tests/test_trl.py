@@ -35,7 +35,7 @@ def run(trainer_cls, tmp_path, **overrides):
 @pytest.mark.parametrize("mode", ["zo", "sam"])
 def test_sft_metrics_counted_once(tmp_path, mode):
     stock = run(trl.SFTTrainer, tmp_path / "stock", sam_mode="none", layer_selection="all")
-    sam = run(SAMSFTTrainer, tmp_path / "sam", sam_mode=mode, zo_num_directions=2)
+    sam = run(SAMSFTTrainer, tmp_path / "sam", sam_mode=mode, zo_direction="gaussian", zo_num_directions=2)
     assert sam._total_train_tokens == stock._total_train_tokens > 0
     stock_logs = [log for log in stock.state.log_history if "loss" in log]
     sam_logs = [log for log in sam.state.log_history if "loss" in log]
