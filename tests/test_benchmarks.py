@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import ascent_cosine
@@ -87,3 +89,16 @@ def test_ascent_cosine_separates_the_momentum_probe_from_the_gaussian_one(tmp_pa
     coverage = runs["sl_zo_momentum"]["coverage"]
     assert len(coverage) == 3 and coverage[0] == 0 and all(0 < c <= 1 for c in coverage[1:])
     assert min(runs["sl_zo_momentum"]["cosines"]) > 0.1 and max(abs(c) for c in runs["sl_zo"]["cosines"]) < 0.05
+
+
+def test_ascent_cosine_measures_the_priors_against_each_steps_gradient(tmp_path):
+    run_benchmark(ascent_cosine, "--priors", "--models", "minilm", "--steps", 3, "--seq_length", 16,
+                  "--output_dir", tmp_path)
+    (record,) = read_jsonl(tmp_path / "ascent_cosine.jsonl")
+    priors = record["priors"]
+    assert record["method"] == "priors" and record["steps"] == 3
+    # AdamW has state from step 2 on, a previous gradient too: two cosines each, all in [-1, 1].
+    assert {k: len(v) for k, v in priors.items()} == {"first_moment": 2, "adam_update": 2, "previous_gradient": 2}
+    assert all(-1 <= c <= 1 for values in priors.values() for c in values)
+    # After one AdamW step m_1 = (1 - b1) g_1: the first moment and the previous gradient are the same direction.
+    assert priors["first_moment"][0] == pytest.approx(priors["previous_gradient"][0], abs=1e-5)
