@@ -255,7 +255,9 @@ class SAMTrainerMixin:
         model.train()
         with self.accelerator.no_sync(model), self._off_the_record():
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                # A copy: stock compute_loss pops "labels" (label smoothing, compute_loss_func); the update pass
+                # still needs them.
+                loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
             loss = self._scale_for_accumulation(loss, num_items_in_batch)
             scaler = self.accelerator.scaler
             grads = first_order_direction(scaler.scale(loss) if scaler is not None else loss, params)
@@ -265,7 +267,7 @@ class SAMTrainerMixin:
         """A zero-order probe: the no-grad loss with dropout off, averaged over processes."""
         model.eval()
         with self._off_the_record(), torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, probe_inputs).detach()
+            loss = self.compute_loss(model, dict(probe_inputs)).detach()  # a copy, as in `_first_order`
         return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
 
     def _probe_inputs(self, inputs):

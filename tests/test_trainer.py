@@ -30,9 +30,26 @@ def batch(data, rows=4):
     return default_data_collator([data[i] for i in range(rows)])
 
 
-def loss_and_grads(model, inputs, params):
-    loss = model(**inputs).loss
+def reference_loss(model, inputs, loss_source="model"):
+    """The model's own loss, or cross-entropy with label smoothing 0.1 (what `label_smoothing_factor=0.1` and
+    `smoothed_cross_entropy` compute)."""
+    outputs = model(**inputs)
+    return outputs.loss if loss_source == "model" else smoothed_cross_entropy(outputs, inputs["labels"])
+
+
+def loss_and_grads(model, inputs, params, loss_source="model"):
+    loss = reference_loss(model, inputs, loss_source)
     return loss, torch.autograd.grad(loss, params)
+
+
+def smoothed_cross_entropy(outputs, labels, num_items_in_batch=None):
+    return torch.nn.functional.cross_entropy(outputs.logits, labels, label_smoothing=0.1)
+
+
+# How the trainer gets its loss: the model's own, stock label smoothing (compute_loss pops the labels), or a
+# compute_loss_func (also pops them).
+LOSS_SOURCES = {"model": ({}, {}), "label_smoothing": ({"label_smoothing_factor": 0.1}, {}),
+                "compute_loss_func": ({}, {"compute_loss_func": smoothed_cross_entropy})}
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
@@ -52,24 +69,26 @@ def test_none_with_all_arms_is_stock_trainer_bit_for_bit(tmp_path, use_lora):
     assert any(not torch.equal(moved[n], sam[n]) for n in sam), "training did not move anything"
 
 
-def one_step_trainer(tmp_path, model, **overrides):
-    args = sam_args(tmp_path, layer_selection="all", sam_rho=0.1, **overrides)
-    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data())
+def one_step_trainer(tmp_path, model, loss_source="model", **overrides):
+    arg_overrides, trainer_kwargs = LOSS_SOURCES[loss_source]
+    args = sam_args(tmp_path, layer_selection="all", sam_rho=0.1, **arg_overrides, **overrides)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data(), **trainer_kwargs)
     trainer.current_gradient_accumulation_steps = 1
     return trainer
 
 
+@pytest.mark.parametrize("loss_source", LOSS_SOURCES)
 @pytest.mark.parametrize("mode", ["sam", "asam"])
-def test_first_order_update_gradient_matches_reference(tmp_path, mode):
+def test_first_order_update_gradient_matches_reference(tmp_path, mode, loss_source):
     model = tiny_bert(dropout=0.0)
     reference = copy.deepcopy(model)
-    trainer = one_step_trainer(tmp_path, model, sam_mode=mode)
+    trainer = one_step_trainer(tmp_path, model, loss_source, sam_mode=mode)
     inputs = batch(classification_data())
     before = params_of(model)
     trainer.training_step(model, inputs)
 
     params = list(reference.parameters())
-    _, g = loss_and_grads(reference, inputs, params)
+    _, g = loss_and_grads(reference, inputs, params, loss_source)
     with torch.no_grad():
         if mode == "sam":  # e = rho g / ||g||
             e = [0.1 * gi / torch.cat([x.flatten() for x in g]).norm() for gi in g]
@@ -78,17 +97,18 @@ def test_first_order_update_gradient_matches_reference(tmp_path, mode):
             e = [0.1 * p.square() * gi / norm for p, gi in zip(params, g)]
         for p, ei in zip(params, e):
             p.add_(ei)
-    _, expected = loss_and_grads(reference, inputs, params)
+    _, expected = loss_and_grads(reference, inputs, params, loss_source)
     for (name, p), ref in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.grad, ref, atol=1e-6, rtol=1e-6, msg=name)
         assert torch.equal(p.detach(), before[name]), f"{name} not restored exactly"
 
 
-def test_zero_order_update_gradient_matches_reference(tmp_path):
+@pytest.mark.parametrize("loss_source", LOSS_SOURCES)
+def test_zero_order_update_gradient_matches_reference(tmp_path, loss_source):
     model = tiny_bert(dropout=0.0)
     reference = copy.deepcopy(model)
-    trainer = one_step_trainer(tmp_path, model, sam_mode="zo", zo_direction="gaussian", zo_probe_fraction=1.0,
-                               zo_eps=1e-2)
+    trainer = one_step_trainer(tmp_path, model, loss_source, sam_mode="zo", zo_direction="gaussian",
+                               zo_probe_fraction=1.0, zo_eps=1e-2)
     inputs = batch(classification_data())
     before = params_of(model)
     trainer.training_step(model, inputs)
@@ -99,17 +119,17 @@ def test_zero_order_update_gradient_matches_reference(tmp_path):
     with torch.no_grad():
         for p, ui in zip(params, u):
             p.add_(1e-2 * ui)
-        plus = reference(**inputs).loss
+        plus = reference_loss(reference, inputs, loss_source)
         for p, ui in zip(params, u):
             p.sub_(2e-2 * ui)
-        minus = reference(**inputs).loss
+        minus = reference_loss(reference, inputs, loss_source)
         for p, ui in zip(params, u):
             p.add_(1e-2 * ui)
         c = (plus - minus) / 2e-2
         norm = torch.cat([(c * ui).flatten() for ui in u]).norm()
         for p, ui in zip(params, u):
             p.add_(0.1 * c * ui / norm)
-    _, expected = loss_and_grads(reference, inputs, params)
+    _, expected = loss_and_grads(reference, inputs, params, loss_source)
     for (name, p), ref in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.grad, ref, atol=1e-5, rtol=1e-4, msg=name)
         assert torch.equal(p.detach(), before[name]), f"{name} not restored exactly"
