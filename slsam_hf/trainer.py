@@ -63,6 +63,14 @@ class SAMTrainerMixin:
                 "for another Trainer's config, make a dataclass that inherits from both."
             )
         self._check_supported()
+        self._build_selection()
+        self._optimizer_hooks = []
+        self._step_started = None
+
+    def _build_selection(self):
+        """Arms, selector, history, trainable-tensor maps and ascent direction of `self.model` under `self.args`;
+        again at the start of `train()` when `model_init` rebuilt the model (and a hyperparameter trial may have
+        changed the options)."""
         args = self.args
         self.arms, self.always_selected = group_arms(self.model, args.arm_granularity, args.always_selected)
         if not self.arms and not self.always_selected.params:
@@ -91,8 +99,6 @@ class SAMTrainerMixin:
         self.ascent = ascent_direction(args.sam_mode, args.zo_direction, args.zo_num_directions, args.zo_eps)
         self._lookback: dict[str, torch.Tensor] = {}
         self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
-        self._optimizer_hooks = []
-        self._step_started = None
         self._window = self._empty_window()
 
     def _check_supported(self):
@@ -372,6 +378,12 @@ class SAMTrainerMixin:
             if self.selector is not None and self.args.should_save:
                 self.history.close_window(self.state.global_step, self.selector.probabilities)
                 self.history.save(self.args.output_dir)
+
+    def _hp_search_setup(self, trial):
+        """Runs in `train()` after `model_init` rebuilt the model and a trial set its options."""
+        super()._hp_search_setup(trial)
+        if self.model_init is not None:
+            self._build_selection()
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 
 from slsam_hf import SAMTrainer
 from slsam_hf.ascent import gaussian_like
+from slsam_hf.selection import UniformSelector
 from slsam_hf.trainer import derive_seed
 
 MODES = ["none", "sam", "asam", "zo", "msam", "lookback"]
@@ -272,9 +274,15 @@ def test_unselected_arms_get_no_gradient_no_update_no_adamw_state(tmp_path, mode
     args = sam_args(tmp_path, sam_mode=mode, layer_selection="bandit", max_steps=4, weight_decay=0.1)
     trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data(), callbacks=[recorder])
     trainer.train()
+    assert_only_selected_tensors_move(model, recorder.steps)
+
+
+def assert_only_selected_tensors_move(model, steps):
+    """Per recorded step: the new head had a gradient, some tensors had none, and those neither moved nor changed
+    their AdamW state; something moved; every requires_grad flag is back on after training."""
     all_names = {n for n, _ in model.named_parameters()}
     head = {"classifier.weight", "classifier.bias"}
-    for step in recorder.steps:
+    for step in steps:
         assert head <= step["with_grad"], "the new task head is always selected"
         frozen = all_names - step["with_grad"]
         assert frozen, "budget 0.2 must leave arms out"
@@ -286,6 +294,39 @@ def test_unselected_arms_get_no_gradient_no_update_no_adamw_state(tmp_path, mode
                 assert all(torch.equal(before[k], after[k]) for k in before), name
         assert any(not torch.equal(step["before"][n], step["after"][n]) for n in step["with_grad"])
     assert all(p.requires_grad for p in model.parameters()), "requires_grad restored after training"
+
+
+def test_model_init_trains_the_new_model_with_selection(tmp_path):
+    """train() rebuilds the model from model_init: arms, selector and logs follow the new model."""
+    recorder = StepRecorder()
+    args = sam_args(tmp_path, max_steps=4, weight_decay=0.1)
+    trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=args, train_dataset=classification_data(),
+                         callbacks=[recorder])
+    built_at_construction = trainer.model
+    trainer.train()
+    model = trainer.model
+    assert model is not built_at_construction
+    grouped = [p for arm in trainer.arms for p in arm.params] + trainer.always_selected.params
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
+    assert_only_selected_tensors_move(model, recorder.steps)
+    ratios = [log["active_param_ratio"] for log in trainer.state.log_history if "active_param_ratio" in log]
+    assert len(ratios) == 4 and all(0 < r < 1 for r in ratios)
+
+
+def test_hyperparameter_search_trial_options_rebuild_the_selector(tmp_path, monkeypatch):
+    """A trial's options reach the selector. Optuna is not installed here: a stand-in trial goes through the
+    Optuna path of `train(trial=...)` (hp_space gives its options)."""
+    import transformers.integrations
+    from transformers.trainer_utils import HPSearchBackend
+
+    trial = types.SimpleNamespace(number=0, params={"layer_selection": "random", "selection_budget": 0.5})
+    monkeypatch.setattr(transformers.integrations, "hp_params", lambda trial: trial.params)
+    trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=sam_args(tmp_path, max_steps=2),
+                         train_dataset=classification_data())
+    trainer.hp_search_backend, trainer.hp_space = HPSearchBackend.OPTUNA, lambda trial: trial.params
+    trainer.train(trial=trial)
+    assert type(trainer.selector) is UniformSelector
+    assert trainer.selector.probabilities.tolist() == [0.5] * len(trainer.arms)
 
 
 def test_optimizer_holds_every_arm(tmp_path):
