@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -135,8 +136,10 @@ class SAMTrainerMixin:
             hook.remove()
         self._optimizer_hooks = []
         if self.selector is not None and self.args.sparse_update != "freeze":
-            self._optimizer_hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
-                                     optimizer.register_step_post_hook(self._after_optimizer_step)]
+            # A restarted loop (auto_find_batch_size) gets back the optimizer accelerate already wrapped.
+            base = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+            self._optimizer_hooks = [base.register_step_pre_hook(self._before_optimizer_step),
+                                     base.register_step_post_hook(self._after_optimizer_step)]
         return optimizer
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
@@ -169,14 +172,22 @@ class SAMTrainerMixin:
         inputs = self._prepare_inputs(inputs)
         perturbing = self.ascent is not None and args.sam_rho > 0
         backup, params, clean_loss = None, [], None
-        if perturbing:
-            params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
-            if direction is not None:
-                backup = perturb(params, direction, args.sam_rho, adaptive=self.ascent.adaptive)
-            del direction
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if backup is not None:
-            restore(params, backup)
+        try:
+            if perturbing:
+                params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
+                if direction is not None:
+                    backup = perturb(params, direction, args.sam_rho, adaptive=self.ascent.adaptive)
+                del direction
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            # Whoever catches this (auto_find_batch_size restarts the loop on out-of-memory) sees the model as the
+            # user made it, and the next call starts a fresh step.
+            self._set_requires_grad(None)
+            self._step_started = None
+            raise
+        finally:
+            if backup is not None:
+                restore(params, backup)
         if perturbing:
             self._window["perturbed_loss"] += loss
             self._window["skipped"] += backup is None

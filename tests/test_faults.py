@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import classification_data, sam_args, tiny_bert
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from slsam_hf import SAMTrainer
+from slsam_hf.trainer import SAMTrainerMixin
 
 
 def params_of(model):
@@ -191,3 +192,47 @@ def test_data_parallel_is_refused(tmp_path):
     args._n_gpu = 2  # what TrainingArguments reports for one process on a machine with two GPUs
     with pytest.raises(ValueError, match="does not support torch.nn.DataParallel"):
         SAMTrainer(model=tiny_bert(), args=args)
+
+
+class OutOfMemoryOnce(Trainer):
+    """The stock training step (SAMTrainer's update pass, run at theta + e) raises an out-of-memory error on its
+    first call with a batch of 8 rows, the kind `auto_find_batch_size` catches."""
+
+    raised = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.raised and inputs["input_ids"].shape[0] == 8:
+            self.raised = True
+            raise RuntimeError("CUDA out of memory. (simulated)")
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+SAMOutOfMemoryOnce = type("SAMOutOfMemoryOnce", (SAMTrainerMixin, OutOfMemoryOnce), {})
+
+
+@pytest.mark.parametrize("mode", ["sam", "asam", "zo"])
+def test_exception_in_the_update_pass_leaves_the_model_as_it_was(tmp_path, mode):
+    model = tiny_bert(dropout=0.0)
+    args = sam_args(tmp_path, sam_mode=mode, zo_direction="gaussian", per_device_train_batch_size=8)
+    trainer = SAMOutOfMemoryOnce(model=model, args=args, train_dataset=classification_data())
+    trainer.current_gradient_accumulation_steps = 1
+    before = params_of(model)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.training_step(model, default_data_collator([classification_data()[i] for i in range(8)]))
+    assert trainer._selected.size < len(trainer.arms), "the step had frozen some arms"
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), f"{name} left perturbed"
+        assert p.requires_grad, f"{name} left frozen"
+
+
+def test_auto_find_batch_size_restarts_from_the_unperturbed_weights(tmp_path):
+    """An out-of-memory error in the first update pass at batch size 8: auto_find_batch_size restarts with a
+    smaller batch, and the run equals one started with that batch size."""
+    options = dict(sam_mode="sam", max_steps=3, max_grad_norm=0)
+    restarted = train(SAMOutOfMemoryOnce, tmp_path / "restarted", per_device_train_batch_size=8,
+                      auto_find_batch_size=True, **options)
+    assert restarted.raised and restarted._train_batch_size < 8
+    direct = train(SAMTrainer, tmp_path / "direct", per_device_train_batch_size=restarted._train_batch_size,
+                   **options)
+    for name, value in params_of(direct.model).items():
+        assert torch.equal(params_of(restarted.model)[name], value), name
