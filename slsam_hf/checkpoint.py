@@ -13,14 +13,16 @@ FORMAT = "slsam_hf/1"
 
 
 def save_sam_state(folder: str, arm_names: list[str], selector, history, lookback: dict[str, torch.Tensor],
-                   held: tuple | None = None) -> None:
-    """Write `sam_state.json` (arm names, selector probabilities, selection history, the selection held over
-    `selection_interval`: (arm indices, their probabilities when drawn)) and, for the lookback mode,
-    `sam_lookback.safetensors` (the previous update gradient of every tensor that has one)."""
+                   held: tuple | None = None, selection_options: dict | None = None) -> None:
+    """Write `sam_state.json` (arm names, the options the selector was built with, e.g. layer_selection and
+    selection_budget, selector probabilities, selection history, the selection held over `selection_interval`:
+    (arm indices, their probabilities when drawn)) and, for the lookback mode, `sam_lookback.safetensors` (the
+    previous update gradient of every tensor that has one)."""
     os.makedirs(folder, exist_ok=True)
     state = {
         "format": FORMAT,
         "arm_names": arm_names,
+        "selection_options": selection_options or {},
         "selector": None if selector is None else selector.state_dict(),
         "history": history.state_dict(),
         "held_selection": None if held is None else {"arms": [int(i) for i in held[0]],
@@ -37,11 +39,13 @@ def has_sam_state(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, SAM_STATE_JSON))
 
 
-def load_sam_state(folder: str, arm_names: list[str], selector, history, param_names: set[str]) -> tuple:
+def load_sam_state(folder: str, arm_names: list[str], selector, history, param_names: set[str],
+                   selection_options: dict | None = None) -> tuple:
     """Restore `selector` and `history` in place from `folder`; return (the lookback gradients: name -> CPU tensor,
     the held selection: (arm indices, probabilities) or None).
 
-    A file that is malformed or describes other arms raises ValueError naming the file.
+    A file that is malformed, describes other arms or was written with other `selection_options` raises ValueError
+    naming the file (files written before the options were stored are not checked against them).
     """
     path = os.path.join(folder, SAM_STATE_JSON)
     try:
@@ -54,6 +58,11 @@ def load_sam_state(folder: str, arm_names: list[str], selector, history, param_n
                 f"it names {len(state['arm_names'])} arms, this model has {len(arm_names)} "
                 "(another model, arm_granularity or always_selected?)"
             )
+        written = state.get("selection_options", {})
+        for name, value in (selection_options or {}).items():
+            if written.get(name, value) != value:
+                raise ValueError(f"it was written with {name}={written[name]!r}, this run has {name}={value!r}; "
+                                 f"resume with the same {name} or start a new run")
         if (state["selector"] is None) != (selector is None):
             raise ValueError("it was written with another layer_selection")
         if selector is not None:

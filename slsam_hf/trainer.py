@@ -403,7 +403,8 @@ class SAMTrainerMixin:
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
             arm_names = [arm.name for arm in self.arms]
-            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback, self._held)
+            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback, self._held,
+                           self._selection_options())
         if self.selector is not None:
             self.history.save(self.args.output_dir)
 
@@ -418,8 +419,15 @@ class SAMTrainerMixin:
             )
             return
         lookback, self._held = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector,
-                                              self.history, set(self._trainable))
+                                              self.history, set(self._trainable), self._selection_options())
         self._lookback = {name: g.to(self._trainable[name].device) for name, g in lookback.items()}
+
+    def _selection_options(self):
+        """The options a checkpoint's selector state holds for: a resume must use the same."""
+        options = {"layer_selection": self.args.layer_selection}
+        if self.selector is not None:
+            options["selection_budget"] = self.args.selection_budget
+        return options
 
 
 class _MicroBatch:

@@ -113,3 +113,22 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(load_file(tmp_path / "whole" / "final.safetensors"),
                 load_file(tmp_path / "killed" / "final.safetensors"))
+
+
+@pytest.mark.parametrize("changed", [{"layer_selection": "random"}, {"selection_budget": 0.5}])
+def test_resume_with_another_selection_option_is_refused(tmp_path, changed):
+    run(tmp_path / "whole")  # bandit selection, budget 0.2
+    (name, value), = changed.items()
+    with pytest.raises(ValueError, match=f"{name}=") as err:
+        run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"), **changed)
+    assert SAM_STATE_JSON in str(err.value) and repr(value) in str(err.value)
+
+
+def test_state_written_before_the_selection_options_were_stored_still_resumes(tmp_path, lookback_checkpoint):
+    old = shutil.copytree(lookback_checkpoint, tmp_path / "old" / "checkpoint-3")
+    state = json.loads((old / SAM_STATE_JSON).read_text())
+    del state["selection_options"]
+    (old / SAM_STATE_JSON).write_text(json.dumps(state))
+    resumed_from_old = run(tmp_path / "from_old", resume=str(old), sam_mode="lookback")
+    resumed = run(tmp_path / "from_new", resume=str(lookback_checkpoint), sam_mode="lookback")
+    assert_same(params(resumed_from_old), params(resumed))
