@@ -67,6 +67,7 @@ class SAMTrainerMixin:
         self._build_selection()
         self._optimizer_hooks = []
         self._step_started = None
+        self._scaler_placeholder = None
 
     def _build_selection(self):
         """Arms, selector, history, trainable-tensor maps and ascent direction of `self.model` under `self.args`;
@@ -135,29 +136,32 @@ class SAMTrainerMixin:
         for hook in self._optimizer_hooks:
             hook.remove()
         self._optimizer_hooks = []
-        if self.selector is not None and self.args.sparse_update != "freeze":
+        if self.selector is not None:
             # A restarted loop (auto_find_batch_size) gets back the optimizer accelerate already wrapped.
             base = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
-            self._optimizer_hooks = [base.register_step_pre_hook(self._before_optimizer_step),
-                                     base.register_step_post_hook(self._after_optimizer_step)]
+            self._optimizer_hooks = [base.register_step_pre_hook(self._before_optimizer_step)]
+            if self.args.sparse_update == "scale":
+                self._optimizer_hooks.append(base.register_step_post_hook(self._after_optimizer_step))
         return optimizer
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
-        """'momentum': unselected tensors with optimizer state get a zero gradient (the base optimizer moves them
-        along its first moment). 'scale': keep theta of the selected arms, for `_after_optimizer_step`."""
+        """Drops the loss scaler's placeholder gradient (`_end_step`). 'momentum': unselected tensors with optimizer
+        state get a zero gradient (the base optimizer moves them along its first moment). 'scale': keep theta of the
+        selected arms, for `_after_optimizer_step`."""
+        if self._scaler_placeholder is not None:
+            self._scaler_placeholder.grad = None
+            self._scaler_placeholder = None
         if self.args.sparse_update == "momentum":
             for p in self._trainable.values():
                 if p.grad is None and p in optimizer.state:
                     p.grad = torch.zeros_like(p)
-        else:
+        elif self.args.sparse_update == "scale":
             params = [p for _, _, p in self._arm_params]
             self._before_step = (params, [p.detach().clone() for p in params])
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
         """'scale': theta <- theta_before + k_i * (theta - theta_before), k_i = min(1 / p_i, sparse_update_max_scale)
         with p_i the probability arm i was drawn with; the always-selected tensors are not scaled."""
-        if self.args.sparse_update != "scale":
-            return
         params, before = self._before_step
         scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
         with torch.no_grad():
@@ -255,6 +259,11 @@ class SAMTrainerMixin:
             for name, g in zip(self._param_names, grads):
                 if g is not None:
                     self._lookback[name] = self._lookback[name].copy_(g) if name in self._lookback else g.clone()
+        if active == 0 and self.accelerator.scaler is not None:
+            # Every drawn arm unused: GradScaler cannot step an optimizer that holds no gradient. One zero gradient
+            # passes its inf check; `_before_optimizer_step` drops it before the base optimizer steps.
+            self._scaler_placeholder = self._params[0]
+            self._scaler_placeholder.grad = torch.zeros_like(self._scaler_placeholder)
 
     def _ascent_direction(self, model, inputs, num_items_in_batch):
         """(params, direction g, unperturbed loss or None) for this micro-batch; g None: no perturbation."""

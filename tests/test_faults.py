@@ -121,10 +121,11 @@ class Snapshots(TrainerCallback):
         self.weights.append(model.classifier.weight.detach().clone())
 
 
+@pytest.mark.parametrize("loss_scale", [None, 1024.0], ids=["fp32", "loss-scaled"])
 @pytest.mark.parametrize("mode", ["none", "sam", "zo", "lookback"])
-def test_step_whose_selected_arms_are_all_unused_changes_nothing(tmp_path, mode):
+def test_step_whose_selected_arms_are_all_unused_changes_nothing(tmp_path, mode, loss_scale):
     """Selected arms the forward never reaches: the loss has no graph, yet the step runs (stock backward would
-    raise), perturbs nothing and updates nothing."""
+    raise), perturbs nothing and updates nothing; under fp16 loss scaling the scale is not backed off."""
     model = tiny_bert(dropout=0.0).requires_grad_(False)
     model.classifier.requires_grad_(True)
     model.unused = torch.nn.Linear(4, 4)
@@ -135,6 +136,8 @@ def test_step_whose_selected_arms_are_all_unused_changes_nothing(tmp_path, mode)
         args=sam_args(tmp_path, sam_mode=mode, layer_selection="random", selection_budget=0.25,
                       always_selected=["none"], max_steps=8),
     )
+    scaler = None if loss_scale is None else torch.amp.GradScaler("cpu", init_scale=loss_scale)
+    trainer.accelerator.scaler = scaler
     trainer.train()
     logs = [log for log in trainer.state.log_history if "active_param_ratio" in log]
     idle = [k for k, log in enumerate(logs) if log["active_param_ratio"] == 0]
@@ -146,6 +149,8 @@ def test_step_whose_selected_arms_are_all_unused_changes_nothing(tmp_path, mode)
             assert logs[k]["perturbation_skipped"] == 1
     assert not torch.equal(snapshots.weights[-1], initial)
     assert model.unused.weight.grad is None
+    if scaler is not None:
+        assert scaler.get_scale() == loss_scale
 
 
 def test_needs_sam_training_arguments(tmp_path):
