@@ -98,7 +98,10 @@ class SAMTrainerMixin:
         self._trainable = {name: p for pairs in named for name, p in pairs}
         self._trainable_numel = sum(p.numel() for p in self._trainable.values())
         self._names = {p: name for name, p in self._trainable.items()}
-        self.ascent = ascent_direction(args.sam_mode, args.zo_direction, args.zo_num_directions, args.zo_eps)
+        # sam_rho=0 moves nothing: no ascent pass at all, so the step (and the bandit's rewards: the update gradient)
+        # is sam_mode='none'.
+        self.ascent = None if args.sam_rho == 0 else ascent_direction(args.sam_mode, args.zo_direction,
+                                                                     args.zo_num_directions, args.zo_eps)
         self._lookback: dict[str, torch.Tensor] = {}
         self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
         self._window = self._empty_window()
@@ -174,7 +177,7 @@ class SAMTrainerMixin:
         if self._step_started != self.state.global_step:
             self._begin_step()
         inputs = self._prepare_inputs(inputs)
-        perturbing = self.ascent is not None and args.sam_rho > 0
+        perturbing = self.ascent is not None
         backup, params, clean_loss = None, [], None
         try:
             if perturbing:
@@ -365,7 +368,7 @@ class SAMTrainerMixin:
         window = self._window
         if "loss" in logs and window["steps"] > 0:
             steps = window["steps"]
-            if self.ascent is not None and self.args.sam_rho > 0:
+            if self.ascent is not None:
                 logs["loss_perturbed"] = self._window_mean(window["perturbed_loss"], steps)
                 logs["perturbation_skipped"] = window["skipped"]
                 if self.ascent.first_order:

@@ -33,7 +33,9 @@ class SAMTrainingArguments(TrainingArguments):
         },
     )
     sam_rho: float = field(
-        default=0.05, metadata={"help": "Perturbation radius rho: epsilon = rho * g / ||g||. 0 disables it."}
+        default=0.05,
+        metadata={"help": "Perturbation radius rho: epsilon = rho * g / ||g||. 0 disables it: no ascent pass, the "
+                          "step (and the bandit's reward, the update gradient) is that of sam_mode='none'."},
     )
     zo_direction: str = field(
         default="momentum",

@@ -480,3 +480,18 @@ def test_cosine_diagnostic_is_logged(tmp_path):
     trainer.train()
     cosines = [log["ascent_cosine"] for log in trainer.state.log_history if "ascent_cosine" in log]
     assert len(cosines) == 2 and all(-1 <= c <= 1 for c in cosines)
+
+
+@pytest.mark.parametrize("mode", ["sam", "asam"])
+def test_rho_zero_trains_like_sam_mode_none_and_the_bandit_learns_from_the_update_gradient(tmp_path, mode):
+    trainers = {}
+    for sam_mode in ("none", mode):
+        args = sam_args(tmp_path / sam_mode, sam_mode=sam_mode, sam_rho=0.0, bandit_lr=0.5, max_steps=4)
+        trainers[sam_mode] = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+        trainers[sam_mode].train()
+    probabilities = trainers[mode].selector.probabilities
+    assert probabilities.max() - probabilities.min() > 0.01, "the bandit learned"
+    assert probabilities.tolist() == trainers["none"].selector.probabilities.tolist()
+    reference = params_of(trainers["none"].model)
+    for name, value in params_of(trainers[mode].model).items():
+        assert torch.equal(value, reference[name]), name
