@@ -24,20 +24,29 @@ class Arm:
         return sum(p.numel() for p in self.params)
 
 
-def is_new_head(name: str, param: nn.Parameter) -> bool:
-    """A task-head weight that `from_pretrained` initialised instead of loading (or a PEFT modules_to_save copy)."""
+def is_new_head(name: str, param: nn.Parameter, module: nn.Module, loaded: bool) -> bool:
+    """A tensor that `from_pretrained` initialised instead of loading (a new task head), or a PEFT modules_to_save copy.
+
+    transformers marks (`_is_hf_initialized`) each tensor it loaded from the checkpoint and each module it built.
+    On a `loaded` model (some tensor carries the mark), a tensor without the mark in a module transformers built is
+    new, whatever its name (a BART `classification_head`, a pooler the checkpoint lacked); modules added later,
+    such as PEFT adapters, are not heads. Models built from a config have no tensor marks: the head names decide.
+    """
     if PEFT_SAVED_MODULE_PATTERN.search(name):
         return True
-    return bool(AUTO_HEAD_PATTERN.search(name)) and not getattr(param, "_is_hf_initialized", False)
+    if getattr(param, "_is_hf_initialized", False):
+        return False
+    return (loaded and getattr(module, "_is_hf_initialized", False)) or bool(AUTO_HEAD_PATTERN.search(name))
 
 
-def matches_always_selected(name: str, param: nn.Parameter, patterns: list[str]) -> bool:
-    """`patterns` are regexes searched in the parameter name; 'auto' means `is_new_head`, 'none' nothing."""
+def matches_always_selected(name: str, new_head: bool, patterns: list[str]) -> bool:
+    """`patterns` are regexes searched in the parameter name; 'auto' means a new head (`is_new_head`), 'none'
+    nothing."""
     for pattern in patterns:
         if pattern == "none":
             continue
         if pattern == "auto":
-            if is_new_head(name, param):
+            if new_head:
                 return True
         elif re.search(pattern, name):
             return True
@@ -77,10 +86,12 @@ def group_arms(
     module_lists = _top_level_module_lists(model) if granularity == "block" else []
     arms: dict[str, Arm] = {}
     always = Arm("always_selected")
+    loaded = any(getattr(p, "_is_hf_initialized", False) for p in model.parameters())
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if matches_always_selected(name, param, list(always_selected)):
+        new_head = is_new_head(name, param, model.get_submodule(name.rpartition(".")[0]), loaded)
+        if matches_always_selected(name, new_head, list(always_selected)):
             arm = always
         else:
             key = block_name(name, module_lists) if granularity == "block" else name

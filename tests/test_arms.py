@@ -3,6 +3,7 @@
 import pytest
 from conftest import tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
+from transformers import BertForMaskedLM, BertForSequenceClassification
 
 from slsam_hf.arms import group_arms
 
@@ -19,14 +20,38 @@ def test_tensor_arms_leave_the_new_head_always_selected():
     assert all(len(arm.params) == 1 for arm in arms)
 
 
-def test_loaded_head_is_an_arm_and_none_makes_every_tensor_an_arm():
-    model = tiny_bert()
-    for p in model.classifier.parameters():
-        p._is_hf_initialized = True  # what from_pretrained sets on weights it loaded from the checkpoint
+def reloaded(tmp_path, saved_as, loaded_as):
+    """tiny_bert's body saved as `saved_as` with save_pretrained and loaded back as `loaded_as` with
+    from_pretrained (which marks the tensors it loaded)."""
+    saved_as(tiny_bert().config).save_pretrained(tmp_path / "saved")
+    return loaded_as.from_pretrained(tmp_path / "saved")
+
+
+def test_loaded_head_is_an_arm_and_none_makes_every_tensor_an_arm(tmp_path):
+    model = reloaded(tmp_path, BertForSequenceClassification, BertForSequenceClassification)
     arms, always = group_arms(model, "tensor", ["auto"])
-    assert always.params == [] and "classifier.weight" in names(arms)
+    assert always.params == [] and names(arms) == [n for n, _ in model.named_parameters()]
     arms, always = group_arms(tiny_bert(), "tensor", ["none"])
     assert always.params == [] and len(arms) == len(list(tiny_bert().parameters()))
+
+
+def test_auto_selects_every_tensor_the_checkpoint_lacked_whatever_its_name(tmp_path):
+    """A masked-LM checkpoint has no pooler and no classifier: both are new in a sequence classifier."""
+    model = reloaded(tmp_path, BertForMaskedLM, BertForSequenceClassification)
+    arms, always = group_arms(model, "tensor", ["auto"])
+    assert always.param_names == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                  "classifier.bias"]
+    assert names(arms) == [n for n, _ in model.named_parameters() if n not in always.param_names]
+
+
+def test_lora_adapters_on_a_loaded_model_stay_arms(tmp_path):
+    """Adapter tensors carry no load mark either, but transformers did not build their modules."""
+    model = reloaded(tmp_path, BertForSequenceClassification, BertForSequenceClassification)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    arms, always = group_arms(model, "tensor", ["auto"])
+    assert len(arms) == 2 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names(arms))
+    assert always.param_names == ["base_model.model.classifier.modules_to_save.default.weight",
+                                  "base_model.model.classifier.modules_to_save.default.bias"]
 
 
 def test_custom_patterns():
