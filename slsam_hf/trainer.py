@@ -121,6 +121,13 @@ class SAMTrainerMixin:
                 "SAMTrainer does not support torch.nn.DataParallel (several GPUs in one process); launch one "
                 "process per GPU with `accelerate launch` or `torchrun` (DDP)."
             )
+        devices = {str(device) for device in (getattr(self.model, "hf_device_map", None) or {}).values()}
+        if len(devices) > 1:
+            raise ValueError(
+                f"SAMTrainer does not support a model spread over several devices (hf_device_map uses "
+                f"{sorted(devices)}): the norms and perturbations of a step expect one device. Load the model on "
+                "one device (device_map=None or {'': 0}); for several GPUs, launch one process per GPU (DDP)."
+            )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and args.world_size == 1:
             raise ValueError(

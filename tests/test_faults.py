@@ -241,3 +241,13 @@ def test_auto_find_batch_size_restarts_from_the_unperturbed_weights(tmp_path):
                    **options)
     for name, value in params_of(direct.model).items():
         assert torch.equal(params_of(restarted.model)[name], value), name
+
+
+@pytest.mark.parametrize("device_map", [{"bert": 0, "classifier": 1}, {"bert": "cpu", "classifier": "disk"}])
+def test_model_spread_over_several_devices_is_refused(tmp_path, device_map):
+    model = tiny_bert()
+    model.hf_device_map = device_map  # what from_pretrained(device_map=...) sets
+    with pytest.raises(ValueError, match="spread over several devices"):
+        SAMTrainer(model=model, args=sam_args(tmp_path))
+    model.hf_device_map = {"": "cpu"}
+    SAMTrainer(model=model, args=sam_args(tmp_path))
