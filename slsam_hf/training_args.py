@@ -167,9 +167,15 @@ class SAMTrainingArguments(TrainingArguments):
             "bandit_min_prob", 0 < self.bandit_min_prob < self.selection_budget, "in (0, selection_budget)"
         )
         self._check_range("sam_cosine_log_steps", self.sam_cosine_log_steps >= 0, ">= 0")
+        # Unselected arms get no gradient: DDP must not wait for them.
         if self.layer_selection != "all" and self.ddp_find_unused_parameters is None:
-            # Unselected arms get no gradient: DDP must not wait for them.
             self.ddp_find_unused_parameters = True
+        if self.layer_selection != "all" and self.ddp_find_unused_parameters is False:
+            raise ValueError(
+                f"ddp_find_unused_parameters=False cannot be combined with layer_selection={self.layer_selection!r}: "
+                "unselected tensors get no gradient, and DDP would wait for them at the second step. Leave it unset "
+                "(SAMTrainer sets it to True) or use layer_selection='all'."
+            )
         if self.layer_selection != "all" and (self.activation_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(
                 "activation_checkpointing_kwargs={'use_reentrant': True} cannot be combined with "

@@ -70,7 +70,14 @@ def test_find_unused_parameters_defaults_on_with_selection():
     assert make(layer_selection="bandit").ddp_find_unused_parameters is True
     assert make(layer_selection="random").ddp_find_unused_parameters is True
     assert make(layer_selection="all").ddp_find_unused_parameters is None
-    assert make(layer_selection="bandit", ddp_find_unused_parameters=False).ddp_find_unused_parameters is False
+    assert make(layer_selection="all", ddp_find_unused_parameters=False).ddp_find_unused_parameters is False
+
+
+@pytest.mark.parametrize("selection", ["bandit", "random"])
+def test_find_unused_parameters_off_with_selection_is_refused(selection):
+    with pytest.raises(ValueError, match=f"ddp_find_unused_parameters=False cannot be combined with "
+                                         f"layer_selection='{selection}'"):
+        make(layer_selection=selection, ddp_find_unused_parameters=False)
 
 
 def test_reentrant_checkpointing_with_partial_selection_is_refused():
