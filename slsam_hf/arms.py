@@ -9,6 +9,10 @@ from torch import nn
 # them: it is pretrained and often tied to the input embeddings.
 AUTO_HEAD_PATTERN = re.compile(r"(^|\.)(classifier|pre_classifier|score|qa_outputs)\.")
 PEFT_SAVED_MODULE_PATTERN = re.compile(r"(^|\.)modules_to_save\.")
+# A LoRA adapter's tensors in an adapted module: `<module>.lora_A.<adapter>.weight` and the like.
+LORA_TENSOR_PATTERN = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.(?P<adapter>[^.]+)"
+)
 
 
 @dataclass
@@ -53,6 +57,14 @@ def matches_always_selected(name: str, new_head: bool, patterns: list[str]) -> b
     return False
 
 
+def tensor_arm_name(param_name: str) -> str:
+    """The arm of a tensor under 'tensor' granularity: the tensor itself, except that the LoRA tensors of one adapter
+    in one adapted module share the arm `<module>.lora.<adapter>`. At PEFT's init B = 0, so dL/dA = 0 exactly, and
+    later |dL/dA| stays ~|B| small: a bandit over single tensors would starve every A."""
+    match = LORA_TENSOR_PATTERN.search(param_name)
+    return param_name if match is None else f"{param_name[: match.start()]}.lora.{match['adapter']}"
+
+
 def _top_level_module_lists(model: nn.Module) -> list[str]:
     """Paths of the ModuleLists that sit inside no other ModuleList (the transformer block stacks)."""
     lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and name]
@@ -94,7 +106,7 @@ def group_arms(
         if matches_always_selected(name, new_head, list(always_selected)):
             arm = always
         else:
-            key = block_name(name, module_lists) if granularity == "block" else name
+            key = block_name(name, module_lists) if granularity == "block" else tensor_arm_name(name)
             arm = arms.setdefault(key, Arm(key))
         arm.param_names.append(name)
         arm.params.append(param)

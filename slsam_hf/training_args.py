@@ -118,8 +118,9 @@ class SAMTrainingArguments(TrainingArguments):
     arm_granularity: str = field(
         default="tensor",
         metadata={
-            "help": "'tensor': one arm per trainable parameter tensor; 'block': one arm per transformer block "
-            "(indexed child of a top-level ModuleList) or other top-level module.",
+            "help": "'tensor': one arm per trainable parameter tensor, except that a LoRA adapter's A and B in one "
+            "module form one arm (either has zero gradient while the other is zero); 'block': one arm per "
+            "transformer block (indexed child of a top-level ModuleList) or other top-level module.",
             "choices": list(ARM_GRANULARITIES),
         },
     )

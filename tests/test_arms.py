@@ -49,7 +49,7 @@ def test_lora_adapters_on_a_loaded_model_stay_arms(tmp_path):
     model = reloaded(tmp_path, BertForSequenceClassification, BertForSequenceClassification)
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
     arms, always = group_arms(model, "tensor", ["auto"])
-    assert len(arms) == 2 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names(arms))
+    assert_one_arm_per_adapted_module(arms)
     assert always.param_names == ["base_model.model.classifier.modules_to_save.default.weight",
                                   "base_model.model.classifier.modules_to_save.default.bias"]
 
@@ -74,12 +74,19 @@ def test_block_arms_of_a_decoder_with_tied_head():
     assert always.params == []
 
 
-def test_lora_arms_are_adapter_tensors_and_modules_to_save_is_always_selected():
+def assert_one_arm_per_adapted_module(arms):
+    """tiny_bert with LoRA on query and value: 2 layers x (query, value) arms, each holding that module's A and B."""
+    modules = [f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+    assert names(arms) == [f"{m}.lora.default" for m in modules]
+    for arm, module in zip(arms, modules):
+        assert arm.param_names == [f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"]
+
+
+def test_lora_arms_pair_each_modules_a_and_b_and_modules_to_save_is_always_selected():
     config = LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
     model = get_peft_model(tiny_bert(), config)
     arms, always = group_arms(model, "tensor", ["auto"])
-    assert len(arms) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
-    assert all(".lora_A." in n or ".lora_B." in n for n in names(arms))
+    assert_one_arm_per_adapted_module(arms)
     assert always.param_names == ["base_model.model.classifier.modules_to_save.default.weight",
                                   "base_model.model.classifier.modules_to_save.default.bias"]
     blocks, _ = group_arms(model, "block", ["auto"])

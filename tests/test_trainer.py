@@ -495,3 +495,16 @@ def test_rho_zero_trains_like_sam_mode_none_and_the_bandit_learns_from_the_updat
     reference = params_of(trainers["none"].model)
     for name, value in params_of(trainers[mode].model).items():
         assert torch.equal(value, reference[name]), name
+
+
+def test_lora_arms_have_a_nonzero_reward_while_b_is_still_zero(tmp_path):
+    """At PEFT's init B = 0, so dL/dA = 0 exactly: an arm holding A alone would be punished for it. An arm is the
+    adapted module (A and B), rewarded with ||(dL/dA, dL/dB)|| = ||dL/dB|| > 0."""
+    args = sam_args(tmp_path, sam_mode="none", selection_budget=0.5, max_steps=1)
+    trainer = SAMTrainer(model=lora(tiny_bert()), args=args, train_dataset=classification_data())
+    update, seen = trainer.selector.update, []
+    trainer.selector.update = lambda selected, rewards: seen.append((selected, rewards)) or update(selected, rewards)
+    trainer.train()
+    (selected, rewards), = seen
+    assert len(selected) >= 2 and (rewards > 0).all()
+    assert all(len(trainer.arms[i].params) == 2 for i in selected)
