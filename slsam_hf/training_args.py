@@ -27,8 +27,10 @@ class SAMTrainingArguments(TrainingArguments):
             "help": "How the ascent direction is found. 'zo': zero-order two-point estimate (2m no-grad forwards, "
             "ZO-SAM); 'sam': first backward pass (SAM); 'asam': SAM scaled element-wise by |theta| (adaptive SAM, "
             "use a ~10x larger sam_rho); 'msam': MSAM, -rho * m / ||m|| along the base optimizer's first moment "
-            "(no extra pass; use a ~10x larger sam_rho); 'lookback': the previous step's update gradient (no extra "
-            "pass); 'none': no perturbation (plain training, equals Trainer with layer_selection='all').",
+            "(no extra pass; use a ~10x larger sam_rho); 'lookback': each selected tensor's last stored update "
+            "gradient, however many steps old (about 1/selection_budget), with no extra pass but a copy of every "
+            "trainable tensor in memory and in each checkpoint; 'none': no perturbation (plain training, equals "
+            "Trainer with layer_selection='all').",
             "choices": list(SAM_MODES),
         },
     )
@@ -60,7 +62,8 @@ class SAMTrainingArguments(TrainingArguments):
         default=0.25,
         metadata={
             "help": "Share of each micro-batch (leading rows) the zero-order probe forwards use, in (0, 1]: "
-            "trades the probe's cost against its noise."
+            "trades the probe's cost against its noise. A one-row micro-batch (batch size 1, packed sequences) is "
+            "probed whole."
         },
     )
     layer_selection: str = field(
