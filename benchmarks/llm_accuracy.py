@@ -23,7 +23,7 @@ from step_cost import METHODS as COST_METHODS
 from transformers import HfArgumentParser
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-METHODS = {name: COST_METHODS[name] for name in ("adamw", "sam", "sl_zo")}
+METHODS = {name: COST_METHODS[name] for name in ("adamw", "sam", "sl_zo", "sl_zo_momentum_probe025")}
 
 
 @dataclass
