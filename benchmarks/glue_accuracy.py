@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from slsam_hf import SAMTrainer, SAMTrainingArguments
@@ -219,6 +220,30 @@ def summarize(results: list[dict], setting: str, tasks: list[str], methods: list
     return "\n".join(lines)
 
 
+def paired_differences(results: list[dict], setting: str, tasks: list[str], methods: list[str]) -> str:
+    """Markdown table: per (task, budget, method), the accuracy difference to AdamW of the same seed, d_s, with its
+    mean and 95 % paired-t interval mean(d) +- t_{0.975, n-1} * std(d, ddof=1) / sqrt(n) (n >= 2 seeds)."""
+    accuracy = {(r["task"], r["budget"], r["method"], r["seed"]): 100 * r["metrics"]["accuracy"]
+                for r in results if r["setting"] == setting}
+    lines = ["| task | budget | method | paired seeds | difference to AdamW (points) | 95 % interval | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for budget in ("steps", "time"):
+            for method in methods:
+                if method == "adamw":
+                    continue
+                seeds = sorted(s for t, b, m, s in accuracy if (t, b, m) == (task, budget, method)
+                               and (task, budget, "adamw", s) in accuracy)
+                d = np.array([accuracy[task, budget, method, s] - accuracy[task, budget, "adamw", s] for s in seeds])
+                if d.size == 0:
+                    continue
+                half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else None
+                interval = "-" if half is None else f"{d.mean() - half:+.1f} .. {d.mean() + half:+.1f}"
+                lines.append(f"| {task} | {budget} | {method} | {d.size} | {d.mean():+.1f} | {interval} | "
+                             f"{', '.join(f'{x:+.1f}' for x in d)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None):
     """Parse `argv` (default: the command line), run, print this run's table and write every setting's table."""
     (args,) = HfArgumentParser(GlueAccuracyArguments).parse_args_into_dataclasses(args=argv)
@@ -226,9 +251,11 @@ def main(argv: list[str] | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     run_grid(args, path)
     results = read_jsonl(path)
-    print(f"setting: {args.setting}\n{summarize(results, args.setting, args.tasks, args.methods)}")
+    print(f"setting: {args.setting}\n{summarize(results, args.setting, args.tasks, args.methods)}\n\n"
+          f"{paired_differences(results, args.setting, args.tasks, args.methods)}")
     settings = dict.fromkeys(r["setting"] for r in results)
-    sections = [f"setting: `{setting}`\n\n{summarize(results, setting, list(run_glue.TASKS), list(METHODS))}\n"
+    sections = [f"setting: `{setting}`\n\n{summarize(results, setting, list(run_glue.TASKS), list(METHODS))}\n\n"
+                f"{paired_differences(results, setting, list(run_glue.TASKS), list(METHODS))}\n"
                 for setting in settings]
     (path.parent / "glue_accuracy.md").write_text("\n".join(sections))
 

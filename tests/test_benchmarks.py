@@ -102,3 +102,17 @@ def test_ascent_cosine_measures_the_priors_against_each_steps_gradient(tmp_path)
     assert all(-1 <= c <= 1 for values in priors.values() for c in values)
     # After one AdamW step m_1 = (1 - b1) g_1: the first moment and the previous gradient are the same direction.
     assert priors["first_moment"][0] == pytest.approx(priors["previous_gradient"][0], abs=1e-5)
+
+
+def test_paired_differences_to_adamw_with_a_t_interval():
+    def result(method, seed, accuracy, budget="steps"):
+        return {"task": "mrpc", "budget": budget, "method": method, "seed": seed, "setting": "s",
+                "metrics": {"accuracy": accuracy}}
+
+    results = [result("adamw", s, a) for s, a in enumerate([0.80, 0.78, 0.82])]
+    results += [result("sam", s, a) for s, a in enumerate([0.81, 0.80, 0.82])]  # d = +1, +2, 0 points
+    results += [result("sam", 3, 0.99), result("sam", 0, 0.5, budget="time")]  # no AdamW partner: left out
+    table = glue_accuracy.paired_differences(results, "s", ["mrpc"], ["adamw", "sam"])
+    # mean 1, std 1, n 3: half width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.484
+    assert "| mrpc | steps | sam | 3 | +1.0 | -1.5 .. +3.5 | +1.0, +2.0, +0.0 |" in table
+    assert "| time |" not in table
