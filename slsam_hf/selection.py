@@ -8,7 +8,9 @@ def project_to_budget(weights: np.ndarray, total: float, min_prob: float) -> np.
 
     f(c) = sum_i clip(c * w_i, min_prob, 1) is piecewise linear in c with kinks at min_prob / w_i and 1 / w_i;
     c is read off exactly on the segment where f crosses `total`. With min_prob -> 0 this is SL-SAM's rule
-    (cap the largest weights at 1, rescale the rest to the remaining budget).
+    (cap the largest weights at 1, rescale the rest to the remaining budget). With w sorted and W its prefix sums,
+    f at every kink c is min_prob * L + (N - H) + c * (W_H - W_L), L = #{w_i <= min_prob / c}, H = #{w_i < 1 / c}:
+    O(N log N).
     """
     w = np.asarray(weights, dtype=np.float64)
     n = len(w)
@@ -18,12 +20,19 @@ def project_to_budget(weights: np.ndarray, total: float, min_prob: float) -> np.
         return np.full(n, total / n)
     w = np.maximum(w / w.max(), 1e-300)  # scale-free; keeps 1 / w finite
     kinks = np.unique(np.concatenate([min_prob / w, 1.0 / w]))
-    f = np.clip(kinks[:, None] * w[None, :], min_prob, 1.0).sum(axis=1)
+    ws = np.sort(w)
+    prefix = np.concatenate([[0.0], np.cumsum(ws)])
+    low = np.searchsorted(ws, min_prob / kinks, side="right")  # these arms sit at the floor min_prob
+    high = np.searchsorted(ws, 1.0 / kinks, side="left")  # from here on the arms are capped at 1
+    f = min_prob * low + (n - high) + kinks * (prefix[high] - prefix[low])
     k = min(np.searchsorted(f, total), len(kinks) - 1)
-    if k == 0 or f[k] == f[k - 1]:
+    lo = max(k - 1, 0)
+    # f at the segment's two ends summed element by element: c is then independent of the prefix sums' rounding.
+    f_lo, f_k = np.clip(kinks[[lo, k]][:, None] * w[None, :], min_prob, 1.0).sum(axis=1)
+    if k == 0 or f_k == f_lo:
         c = kinks[k]
     else:
-        c = kinks[k - 1] + (total - f[k - 1]) * (kinks[k] - kinks[k - 1]) / (f[k] - f[k - 1])
+        c = kinks[lo] + (total - f_lo) * (kinks[k] - kinks[lo]) / (f_k - f_lo)
     return np.clip(c * w, min_prob, 1.0)
 
 

@@ -29,6 +29,31 @@ def test_projection_caps_largest_and_rescales_rest():
     np.testing.assert_allclose(p, [0.45, 0.45, 0.1], rtol=1e-12)
 
 
+def quadratic_projection(weights, total, min_prob):
+    """The first O(N^2) projection: f evaluated at every kink by clipping all weights."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = np.maximum(w / w.max(), 1e-300)
+    kinks = np.unique(np.concatenate([min_prob / w, 1.0 / w]))
+    f = np.clip(kinks[:, None] * w[None, :], min_prob, 1.0).sum(axis=1)
+    k = min(np.searchsorted(f, total), len(kinks) - 1)
+    if k == 0 or f[k] == f[k - 1]:
+        c = kinks[k]
+    else:
+        c = kinks[k - 1] + (total - f[k - 1]) * (kinks[k] - kinks[k - 1]) / (f[k] - f[k - 1])
+    return np.clip(c * w, min_prob, 1.0)
+
+
+def test_projection_equals_the_quadratic_reference_on_random_weights():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n = int(rng.integers(1, 400))
+        w = rng.random(n) ** rng.integers(1, 12)
+        w[rng.random(n) < 0.1] = w[0]  # ties
+        min_prob = float(rng.choice([1e-8, 1e-3, 0.05]))
+        total = float(rng.uniform(n * min_prob, n))
+        np.testing.assert_array_equal(project_to_budget(w, total, min_prob), quadratic_projection(w, total, min_prob))
+
+
 def test_projection_rejects_infeasible_budget():
     with pytest.raises(ValueError, match="cannot spread"):
         project_to_budget(np.ones(4), 5.0, 0.01)
