@@ -4,7 +4,7 @@ All functions act on a list of parameter tensors: the arms selected this step. N
 only.
 """
 
-import math
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,7 +24,8 @@ def zero_order_direction(
     eps: float = 1e-3,
     seed: int = 0,
     prior: list[torch.Tensor] | None = None,
-) -> list[torch.Tensor] | None:
+    backup: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """Two-point estimate of the gradient from forwards only:
 
         g = 1/m * sum_k c_k u_k,   c_k = (l(theta + eps u_k) - l(theta - eps u_k)) / (2 eps).
@@ -35,18 +36,19 @@ def zero_order_direction(
     g = c u points along +-prior, uphill: the probe only picks the sign.
 
     `loss_fn()` evaluates the loss at the current parameters (called under no_grad). The parameters are
-    restored bit-exactly (copied back). Returns None when every c_k is 0 (a tie), a loss is not finite or the prior
-    is zero: no perturbation this step.
+    restored bit-exactly, copied back from `backup` (a copy of `params` the caller holds; taken here when None).
+    Every decision stays on the device (no host sync): a c_k that is not finite (a probe loss overflowed) counts as
+    0, and so does u when the prior's norm is 0 or not finite (the prior itself must be finite). g is then 0, which
+    `perturb` does not move along.
     """
     if prior is not None:
         norm = grad_norm(prior)
-        if not torch.isfinite(norm) or norm == 0:
-            return None
         n = sum(p.numel() for p in params)
-        prior_direction = torch._foreach_mul([m.to(p.dtype) for p, m in zip(params, prior)], float(n**0.5 / norm))
+        scale = torch.where(torch.isfinite(norm) & (norm > 0), n**0.5 / norm, 0.0)
+        prior_direction = torch._foreach_mul([m.to(p.dtype) for p, m in zip(params, prior)], scale)
         num_directions = 1
     generators = {}
-    backup = [p.detach().clone() for p in params]
+    backup = [p.detach().clone() for p in params] if backup is None else backup
     estimate = None
     try:
         for _ in range(num_directions):
@@ -56,12 +58,8 @@ def zero_order_direction(
             torch._foreach_add_(params, u, alpha=-2 * eps)
             loss_minus = loss_fn()
             torch._foreach_copy_(params, backup)
-            c = float((loss_plus.double() - loss_minus.double()) / (2 * eps))
-            if not math.isfinite(c):
-                return None
-            if c == 0:
-                continue
-            torch._foreach_mul_(u, c / num_directions)
+            c = (loss_plus.double() - loss_minus.double()) / (2 * eps)
+            torch._foreach_mul_(u, torch.where(torch.isfinite(c), c, 0.0) / num_directions)
             estimate = u if estimate is None else torch._foreach_add(estimate, u)
     finally:
         torch._foreach_copy_(params, backup)
@@ -86,9 +84,9 @@ def gaussian_like(param: torch.Tensor, generators: dict, seed: int) -> torch.Ten
 
 
 def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """||t||_2 of each tensor, stacked, in at least float32."""
-    return torch.stack([torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
-                        for t in tensors])
+    """||t||_2 of each tensor, stacked, in at least float32 (one `torch._foreach_norm`: a few kernel launches)."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -98,23 +96,28 @@ def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def perturb(
-    params: list[torch.Tensor], direction: list[torch.Tensor], rho: float, adaptive: bool = False
-) -> list[torch.Tensor] | None:
-    """theta <- theta + e with e = rho * T^2 g / ||T g||, T = |theta| for ASAM (`adaptive`), else the identity.
+    params: list[torch.Tensor],
+    direction: list[torch.Tensor],
+    rho: float,
+    adaptive: bool = False,
+    backup: list[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """theta <- theta + e with e = rho * T^2 g / ||T g||, T = |theta| for ASAM (`adaptive`), else the identity;
+    e = 0 when ||T g|| is 0 or not finite. Foreach kernels and no host sync, so `direction` must be finite
+    (`GradientAscent` drops a gradient that overflowed).
 
-    Returns a copy of the unperturbed parameters for `restore`, or None (nothing moved) when ||T g|| is 0 or not
-    finite, e.g. an fp16 overflow in the ascent gradient.
+    Returns (a copy of the unperturbed parameters for `restore`: `backup` when the caller already holds one,
+    whether theta moved: a bool tensor on the device).
     """
-    scaled = [g * p.abs() for p, g in zip(params, direction)] if adaptive else direction
+    magnitude = torch._foreach_abs(params) if adaptive else None
+    scaled = torch._foreach_mul(direction, magnitude) if adaptive else direction
     norm = grad_norm(scaled)
-    if not torch.isfinite(norm) or norm == 0:
-        return None
-    backup = [p.detach().clone() for p in params]
-    scale = rho / norm
-    for p, g in zip(params, scaled):
-        step = g * p.abs() * scale if adaptive else g * scale
-        p.add_(step.to(p.dtype))
-    return backup
+    moved = torch.isfinite(norm) & (norm > 0)
+    steps = torch._foreach_mul(scaled, magnitude) if adaptive else scaled
+    steps = torch._foreach_mul(steps, torch.where(moved, rho / norm, 0.0))
+    backup = [p.detach().clone() for p in params] if backup is None else backup
+    torch._foreach_add_(params, [step.to(p.dtype) for p, step in zip(params, steps)])
+    return backup, moved
 
 
 @torch.no_grad()
@@ -149,6 +152,9 @@ class AscentSource(Protocol):
     def previous_gradient(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Each tensor's update gradient of the previous step (None: not known)."""
 
+    def backup(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of `params` at theta, shared by the probes and the perturbation of this micro-batch."""
+
 
 def known(params: list[torch.Tensor], directions: list[torch.Tensor | None]) -> tuple[list, list | None]:
     """The params whose direction is known (not None) and those directions; (params, None) when none is."""
@@ -174,7 +180,8 @@ class AscentDirection:
 
 
 class GradientAscent(AscentDirection):
-    """SAM: g = dL/dtheta (one extra backward); ASAM with `adaptive`."""
+    """SAM: g = dL/dtheta (one extra backward); ASAM with `adaptive`. A gradient that is not finite (an fp16
+    overflow) gives no direction: one host sync, which the zero-order and momentum directions do without."""
 
     first_order = True
 
@@ -182,7 +189,8 @@ class GradientAscent(AscentDirection):
         self.adaptive = adaptive
 
     def direction(self, params, source):
-        return params, source.gradient(params)
+        g = source.gradient(params)
+        return params, g if torch.isfinite(grad_norm(g)) else None
 
 
 class LookbackAscent(AscentDirection):
@@ -213,7 +221,8 @@ class ZeroOrderAscent(AscentDirection):
             params, prior = known(params, source.first_moment(params))
             if prior is None:
                 return params, None
-        return params, zero_order_direction(source.loss, params, self.num_directions, self.eps, source.seed, prior)
+        return params, zero_order_direction(source.loss, params, self.num_directions, self.eps, source.seed, prior,
+                                            source.backup(params))
 
 
 def ascent_direction(sam_mode: str, zo_direction: str = "gaussian", zo_num_directions: int = 1,

@@ -53,12 +53,13 @@ class SelectionHistory:
         self._steps = int(state["open_window"]["steps"])
         self._counts = np.asarray(state["open_window"]["counts"], dtype=np.int64).reshape(len(self.arm_names))
 
-    def save(self, output_dir: str) -> None:
-        """Write `selection_history.json` and, when matplotlib is installed, `selection_heatmap.png`."""
+    def save(self, output_dir: str, heatmap: bool = True) -> None:
+        """Write `selection_history.json` and, with `heatmap` when matplotlib is installed, `selection_heatmap.png`
+        (about 0.8 s: the trainer draws it at the end of training, not at every checkpoint)."""
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, HISTORY_JSON), "w") as f:
             json.dump(self.state_dict(), f)
-        if self.steps:
+        if heatmap and self.steps:
             plot_heatmap(self, os.path.join(output_dir, HISTORY_PNG))
 
 

@@ -68,6 +68,7 @@ class SAMTrainerMixin:
         self._optimizer_hooks = []
         self._step_started = None
         self._scaler_placeholder = None
+        self._micro_batch = None  # the current micro-batch's `_MicroBatch` (its parameter backup), during a step
 
     def _build_selection(self):
         """Arms, selector, history, trainable-tensor maps and ascent direction of `self.model` under `self.args`;
@@ -175,8 +176,8 @@ class SAMTrainerMixin:
         params, before = self._before_step
         scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
         with torch.no_grad():
-            for (k, _, p), p0 in zip(self._arm_params, before):
-                p.copy_(torch.lerp(p0.float(), p.float(), float(scale[k])))
+            torch._foreach_lerp_(before, params, [float(scale[k]) for k, _, _ in self._arm_params])
+            torch._foreach_copy_(params, before)
         self._before_step = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -185,12 +186,14 @@ class SAMTrainerMixin:
             self._begin_step()
         inputs = self._prepare_inputs(inputs)
         perturbing = self.ascent is not None
-        backup, params, clean_loss = None, [], None
+        backup, params, clean_loss, skipped = None, [], None, True
         try:
             if perturbing:
                 params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
                 if direction is not None:
-                    backup = perturb(params, direction, args.sam_rho, adaptive=self.ascent.adaptive)
+                    backup, moved = perturb(params, direction, args.sam_rho, self.ascent.adaptive,
+                                            self._micro_batch.backup(params))
+                    skipped = ~moved  # a bool on the device: read only when logging
                 del direction
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
@@ -202,9 +205,10 @@ class SAMTrainerMixin:
         finally:
             if backup is not None:
                 restore(params, backup)
+            self._micro_batch = None
         if perturbing:
             self._window["perturbed_loss"] += loss
-            self._window["skipped"] += backup is None
+            self._window["skipped"] += skipped
             if clean_loss is not None:
                 self._window["sharpness"] += loss - clean_loss
         self._micro_step += 1
@@ -277,10 +281,12 @@ class SAMTrainerMixin:
 
     def _ascent_direction(self, model, inputs, num_items_in_batch):
         """(params, direction g, unperturbed loss or None) for this micro-batch; g None: no perturbation."""
-        source = _MicroBatch(self, model, inputs, num_items_in_batch)
+        self._micro_batch = source = _MicroBatch(self, model, inputs, num_items_in_batch)
         params, direction = self.ascent.direction(self._params, source)
         if self.ascent.first_order and isinstance(self.selector, LayerBandit):
-            self._rewards += self._arm_norms(self._tensor_norms(direction[: len(self._arm_params)]))
+            # No direction: the gradient overflowed, and the step's rewards are not finite (the bandit skips them).
+            self._rewards += np.inf if direction is None else self._arm_norms(
+                self._tensor_norms(direction[: len(self._arm_params)]))
         if direction is not None and not self.ascent.first_order and self._cosine_due():
             true_grad, _ = self._first_order(model, inputs, num_items_in_batch, params)
             self._window["cosine"].append(cosine_similarity(direction, true_grad))
@@ -377,7 +383,7 @@ class SAMTrainerMixin:
             steps = window["steps"]
             if self.ascent is not None:
                 logs["loss_perturbed"] = self._window_mean(window["perturbed_loss"], steps)
-                logs["perturbation_skipped"] = window["skipped"]
+                logs["perturbation_skipped"] = int(window["skipped"])
                 if self.ascent.first_order:
                     logs["sharpness"] = self._window_mean(window["sharpness"], steps)
             if window["cosine"]:
@@ -425,7 +431,7 @@ class SAMTrainerMixin:
             save_sam_state(folder, arm_names, self.selector, self.history, self._lookback, self._held,
                            self._selection_options())
         if self.selector is not None:
-            self.history.save(self.args.output_dir)
+            self.history.save(self.args.output_dir, heatmap=False)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -457,6 +463,7 @@ class _MicroBatch:
         self.seed = derive_seed(trainer.args.seed, trainer.state.global_step, trainer._micro_step)
         self.clean_loss = None  # the train-mode loss at theta, when `gradient` computed it
         self._probe_inputs = None
+        self._backup = None  # (params, their copy)
 
     def gradient(self, params):
         grads, self.clean_loss = self.trainer._first_order(self.model, self.inputs, self.num_items_in_batch, params)
@@ -473,6 +480,12 @@ class _MicroBatch:
 
     def previous_gradient(self, params):
         return [self.trainer._lookback.get(self.trainer._names[p]) for p in params]
+
+    def backup(self, params):
+        """Taken once per micro-batch: the zero-order probes restore theta from it, then the update pass does."""
+        if self._backup is None or self._backup[0] is not params:
+            self._backup = (params, [p.detach().clone() for p in params])
+        return self._backup[1]
 
 
 class SAMTrainer(SAMTrainerMixin, Trainer):

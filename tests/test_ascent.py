@@ -1,5 +1,7 @@
 """Ascent directions and the perturbation, on small functions with known gradients."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -68,18 +70,22 @@ def test_zero_order_restores_weights_bit_exactly(dtype):
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
-def test_zero_order_tie_gives_no_direction_and_no_nan():
+def is_zero(direction):
+    return all(torch.equal(d, torch.zeros_like(d)) for d in direction)
+
+
+def test_zero_order_tie_gives_a_zero_direction_and_no_nan():
     params, _, _ = make_problem()
     before = [p.detach().clone() for p in params]
-    assert zero_order_direction(lambda: torch.tensor(1.0), params, num_directions=3, seed=0) is None
+    assert is_zero(zero_order_direction(lambda: torch.tensor(1.0), params, num_directions=3, seed=0))
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
-def test_zero_order_non_finite_loss_gives_no_direction_and_restores():
+def test_zero_order_non_finite_loss_gives_a_zero_direction_and_restores():
     params, a, b = make_problem()
     before = [p.detach().clone() for p in params]
     calls = iter([torch.tensor(1.0), torch.tensor(float("nan"))])
-    assert zero_order_direction(lambda: next(calls), params, seed=0) is None
+    assert is_zero(zero_order_direction(lambda: next(calls), params, seed=0))
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
@@ -106,7 +112,8 @@ def test_perturb_moves_by_rho_and_restore_is_exact(adaptive):
     params, a, b = make_problem()
     before = [p.detach().clone() for p in params]
     direction = [torch.randn_like(p) for p in params]
-    backup = perturb(params, direction, rho=0.05, adaptive=adaptive)
+    backup, moved = perturb(params, direction, rho=0.05, adaptive=adaptive)
+    assert moved
     step = [p.detach() - q for p, q in zip(params, before)]
     if adaptive:  # e = rho |w|^2 g / || |w| g ||
         norm = torch.cat([(q.abs() * d).flatten() for q, d in zip(before, direction)]).norm()
@@ -120,13 +127,20 @@ def test_perturb_moves_by_rho_and_restore_is_exact(adaptive):
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
-@pytest.mark.parametrize("bad", [0.0, float("inf"), float("nan")])
-def test_perturb_refuses_zero_or_non_finite_direction(bad):
+def test_perturb_does_not_move_along_a_zero_direction():
     params, _, _ = make_problem()
     before = [p.detach().clone() for p in params]
-    direction = [torch.full_like(p, bad) for p in params]
-    assert perturb(params, direction, rho=0.05) is None
+    backup = [p.detach().clone() for p in params]
+    kept, moved = perturb(params, [torch.zeros_like(p) for p in params], rho=0.05, backup=backup)
+    assert kept is backup and not moved
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_gradient_gives_no_direction(bad):
+    params, _, _ = make_problem()
+    source = SimpleNamespace(gradient=lambda ps: [torch.full_like(p, bad) for p in ps])
+    assert GradientAscent().direction(params, source) == (params, None)
 
 
 @pytest.mark.parametrize("flip", [1.0, -1.0], ids=["uphill-prior", "downhill-prior"])
@@ -153,11 +167,11 @@ def test_zero_order_along_a_prior_is_the_prior_signed_uphill(flip):
     assert cosine_similarity(direction, list(true)) > 0.5
 
 
-def test_zero_order_along_a_zero_prior_gives_no_direction():
+def test_zero_order_along_a_zero_prior_gives_a_zero_direction():
     params, a, b = make_problem()
     before = [p.detach().clone() for p in params]
     prior = [torch.zeros_like(p) for p in params]
-    assert zero_order_direction(lambda: quadratic(params, a, b), params, prior=prior) is None
+    assert is_zero(zero_order_direction(lambda: quadratic(params, a, b), params, prior=prior))
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
@@ -166,7 +180,7 @@ def test_zero_order_along_a_prior_restores_weights_bit_exactly(dtype):
     params, a, b = make_problem(dtype)
     before = [p.detach().clone() for p in params]
     prior = [torch.randn_like(p, dtype=torch.float32) for p in params]
-    assert zero_order_direction(lambda: quadratic(params, a, b), params, eps=0.1, prior=prior) is not None
+    assert not is_zero(zero_order_direction(lambda: quadratic(params, a, b), params, eps=0.1, prior=prior))
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
@@ -207,6 +221,9 @@ class QuadraticSource:
 
     def previous_gradient(self, params):
         return [self.previous.get(p) for p in params]
+
+    def backup(self, params):
+        return [p.detach().clone() for p in params]
 
 
 def test_direction_objects_use_what_each_mode_knows():

@@ -154,9 +154,9 @@ def capture_perturbation(monkeypatch):
 
     seen = []
 
-    def spy(params, direction, rho, adaptive=False):
+    def spy(params, direction, rho, adaptive=False, backup=None):
         seen.append(([p for p in params], [d.clone() for d in direction]))
-        return trainer_module_perturb(params, direction, rho, adaptive)
+        return trainer_module_perturb(params, direction, rho, adaptive, backup)
 
     trainer_module_perturb = trainer_module.perturb
     monkeypatch.setattr(trainer_module, "perturb", spy)
