@@ -251,3 +251,10 @@ def test_model_spread_over_several_devices_is_refused(tmp_path, device_map):
         SAMTrainer(model=model, args=sam_args(tmp_path))
     model.hf_device_map = {"": "cpu"}
     SAMTrainer(model=model, args=sam_args(tmp_path))
+
+
+def test_torch_compile_with_layer_selection_is_refused(tmp_path):
+    """torch.compile guards on requires_grad: every new selection recompiles (8 graphs in 12 steps on tiny BERT)."""
+    with pytest.raises(ValueError, match="torch_compile=True cannot be combined with layer_selection='bandit'"):
+        SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, torch_compile=True))
+    SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, torch_compile=True, layer_selection="all"))
