@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None):
     path = Path(args.output_dir) / "ascent_cosine.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.priors:
-        lines = ["| model | prior | median cos with g_t | quartiles | positive |", "|---|---|---|---|---|"]
+        lines = ["| model | prior | median abs cos (a probe's reach) | median cos with g_t | quartiles | positive |",
+                 "|---|---|---|---|---|---|"]
     else:
         lines = ["| model | method | median cos | quartiles | positive | unperturbed steps | coverage (first 10/all) |",
                  "|---|---|---|---|---|---|---|"]
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None):
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if args.priors:
-                lines += [f"| {model_key} | {name} | {quartiles(c)} |" for name, c in record["priors"].items()]
+                lines += [f"| {model_key} | {name} | {np.median(np.abs(c)):.3g} | {quartiles(c)} |"
+                          for name, c in record["priors"].items()]
             else:
                 lines.append(summary(record))
             print("\n".join(lines[2:]), flush=True)
