@@ -27,6 +27,7 @@ from .ascent import (
     cosine_similarity,
     first_moment,
     first_order_direction,
+    grad_norm,
     perturb,
     restore,
     tensor_norms,
@@ -295,7 +296,8 @@ class SAMTrainerMixin:
             # No direction: the gradient overflowed, and the step's rewards are not finite (the bandit skips them).
             self._rewards += np.inf if direction is None else self._arm_norms(
                 self._tensor_norms(direction[: len(self._arm_params)]))
-        if direction is not None and not self.ascent.first_order and self._cosine_due():
+        due = direction is not None and not self.ascent.first_order and self._cosine_due()
+        if due and grad_norm(direction) > 0:  # a zero-order tie gives g = 0: no direction to compare
             true_grad, _ = self._first_order(model, inputs, num_items_in_batch, params)
             self._window["cosine"].append(cosine_similarity(direction, true_grad))
         return params, direction, source.clean_loss

@@ -508,3 +508,14 @@ def test_lora_arms_have_a_nonzero_reward_while_b_is_still_zero(tmp_path):
     (selected, rewards), = seen
     assert len(selected) >= 2 and (rewards > 0).all()
     assert all(len(trainer.arms[i].params) == 2 for i in selected)
+
+
+def test_cosine_diagnostic_skips_zero_order_ties(tmp_path):
+    # zo_eps far below float32 resolution: theta +- eps u == theta, the two probe losses tie, g = 0, nothing moves.
+    args = sam_args(tmp_path, sam_mode="zo", zo_direction="gaussian", zo_eps=1e-30, max_steps=2,
+                    sam_cosine_log_steps=1)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data())
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["perturbation_skipped"] for log in logs] == [1, 1]
+    assert not any("ascent_cosine" in log for log in logs)
