@@ -15,6 +15,7 @@ import ascent_cosine
 import glue_accuracy
 import llm_accuracy
 import step_cost
+import step_overhead
 from step_cost import read_jsonl
 
 
@@ -116,3 +117,17 @@ def test_paired_differences_to_adamw_with_a_t_interval():
     # mean 1, std 1, n 3: half width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.484
     assert "| mrpc | steps | sam | 3 | +1.0 | -1.5 .. +3.5 | +1.0, +2.0, +0.0 |" in table
     assert "| time |" not in table
+
+
+def test_step_overhead_times_the_work_outside_the_passes_and_counts_syncs(tmp_path):
+    run_benchmark(step_overhead, "--models", "minilm", "--steps", 1, "--warmup_steps", 1, "--output_dir", tmp_path,
+                  "--tag", "tiny")
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    stock, sam = result["runs"]
+    assert (stock["arms"], sam["arms"]) == (None, 103) and len(sam["step_seconds"]) == 1
+    for run in (stock, sam):  # the passes take most of a step; what is outside them is a part of it
+        assert 0 < run["passes"] < run["step"] and run["outside"] < run["step"]
+    (row,) = result["summary"]
+    assert math.isclose(row["overhead_ms"], 1e3 * (sam["outside"] - stock["outside"]))
+    assert math.isclose(row["overhead_share"], (sam["outside"] - stock["outside"]) / stock["step"])
+    assert row["sam_syncs"] >= row["adamw_syncs"] >= 1 and row["history_save_ms"] > 0  # stock: the loss NaN check
