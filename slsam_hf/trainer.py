@@ -2,7 +2,7 @@
 
 Per optimizer step t (DESIGN section 2):
   1. select arms S_t (bandit / random / all; held for `selection_interval` steps); every other arm gets
-     requires_grad=False (no backward cost);
+     requires_grad=False while each micro-batch's passes run (no backward cost), and True again after them;
   2. per micro-batch, an ascent direction g on S_t (`sam_mode`, `zo_direction`);
   3. theta <- theta + rho * g / ||g||, stock `Trainer.training_step` (forward + backward on S_t), theta restored;
   4. after the last micro-batch, the bandit learns from the gradient norms; the stock loop clips and steps, with
@@ -197,6 +197,10 @@ class SAMTrainerMixin:
         perturbing = self.ascent is not None
         backup, params, clean_loss, skipped = None, [], None, True
         try:
+            if self.selector is not None:
+                # Frozen only while this micro-batch's passes run: callbacks, evaluation, checkpoints and the
+                # optimizer step outside it see every flag on (the unselected tensors' .grad stays None).
+                self._set_requires_grad(self._selected)
             if perturbing:
                 params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
                 if direction is not None:
@@ -206,15 +210,16 @@ class SAMTrainerMixin:
                 del direction
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
-            # Whoever catches this (auto_find_batch_size restarts the loop on out-of-memory) sees the model as the
-            # user made it, and the next call starts a fresh step.
-            self._set_requires_grad(None)
+            # Whoever catches this (auto_find_batch_size restarts the loop on out-of-memory) gets the next call
+            # starting a fresh step.
             self._step_started = None
             raise
         finally:
             if backup is not None:
                 restore(params, backup)
             self._micro_batch = None
+            if self.selector is not None:
+                self._set_requires_grad(None)
         if perturbing:
             self._window["perturbed_loss"] += loss
             self._window["skipped"] += skipped
@@ -237,7 +242,8 @@ class SAMTrainerMixin:
         return (loss, *result[1:]) if return_outputs else loss
 
     def _begin_step(self):
-        """Draw S_t for the optimizer step about to start and freeze every other arm."""
+        """Draw S_t for the optimizer step about to start (`training_step` freezes every other arm while its passes
+        run)."""
         self._step_started = self.state.global_step
         self._micro_step = 0
         if self.selector is None:
@@ -249,7 +255,6 @@ class SAMTrainerMixin:
                 self._held = (selected, self.selector.probabilities[selected].copy())
             self._selected = self._held[0]
             self.history.record(self._selected)
-            self._set_requires_grad(self._selected)
         self._arm_params = [(k, name, p) for k, i in enumerate(self._selected)
                             for name, p in zip(self.arms[i].param_names, self.arms[i].params)]
         always = self.always_selected

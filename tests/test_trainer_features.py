@@ -1,0 +1,69 @@
+"""Trainer features a drop-in user may have on (README, "Compatibility with `Trainer` features"): mid-training
+evaluation and callbacks, load_best_model_at_end, gradient checkpointing, a second train()."""
+
+import copy
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from conftest import classification_data, sam_args, tiny_bert
+from slsam_hf import SAMTrainer
+
+
+class FlagsAndWeights(TrainerCallback):
+    """Records, outside the step, whether every trainable tensor has requires_grad=True, and the weights."""
+
+    def __init__(self, trainable):
+        self.trainable = trainable  # names of the tensors the user left trainable
+        self.frozen_seen = []  # (event, step, names with requires_grad=False)
+        self.weights = {}  # step -> state dict at on_step_end
+        self.evaluated = {}  # step -> eval metrics
+
+    def _check(self, event, state, model):
+        frozen = sorted(n for n, p in model.named_parameters() if n in self.trainable and not p.requires_grad)
+        self.frozen_seen.append((event, state.global_step, frozen))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._check("on_step_end", state, model)
+        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_log(self, args, state, control, model=None, **kwargs):
+        self._check("on_log", state, model)
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self._check("on_substep_end", state, model)
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        self._check("on_evaluate", state, model)
+        self.evaluated[state.global_step] = dict(metrics)
+
+
+def test_callbacks_and_mid_training_evaluation_see_the_model_as_the_user_made_it(tmp_path):
+    """With bandit selection (budget 0.2: most tensors frozen inside each step) and gradient accumulation, every
+    callback sees every trainable tensor with requires_grad=True, and an evaluation during training gives the metrics
+    a stock Trainer gives on a copy of the weights of that step (so no perturbation is left on them)."""
+    model = tiny_bert()
+    model.bert.embeddings.word_embeddings.requires_grad_(False)  # the user's own choice: must stay frozen
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    recorder = FlagsAndWeights(trainable)
+    eval_data = classification_data(n=12, seed=1)
+    args = sam_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=2,
+                    per_device_eval_batch_size=4, selection_budget=0.2)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data(), eval_dataset=eval_data,
+                         callbacks=[recorder])
+    trainer.train()
+
+    events = {event for event, _, _ in recorder.frozen_seen}
+    assert {"on_step_end", "on_log", "on_substep_end", "on_evaluate"} <= events
+    frozen_seen = [entry for entry in recorder.frozen_seen if entry[2]]
+    assert not frozen_seen, f"frozen requires_grad flags seen outside the step: {frozen_seen[:3]}"
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad, "the user's frozen tensor stays frozen"
+
+    assert sorted(recorder.evaluated) == [2, 4]
+    stock_args = TrainingArguments(output_dir=str(tmp_path / "stock"), per_device_eval_batch_size=4,
+                                   report_to="none", use_cpu=True, disable_tqdm=True)
+    for step, metrics in recorder.evaluated.items():
+        reference = tiny_bert()
+        reference.load_state_dict(recorder.weights[step])
+        expected = Trainer(model=reference, args=stock_args, eval_dataset=eval_data).evaluate()
+        assert metrics["eval_loss"] == expected["eval_loss"], (step, metrics, expected)
