@@ -67,3 +67,34 @@ def test_callbacks_and_mid_training_evaluation_see_the_model_as_the_user_made_it
         reference.load_state_dict(recorder.weights[step])
         expected = Trainer(model=reference, args=stock_args, eval_dataset=eval_data).evaluate()
         assert metrics["eval_loss"] == expected["eval_loss"], (step, metrics, expected)
+
+
+def test_load_best_model_at_end_ends_with_the_best_checkpoints_weights(tmp_path):
+    """Evaluation and checkpoints every 2 steps with bandit selection; the metric makes the first checkpoint the best,
+    so the run must end with its weights, not the last step's."""
+    from safetensors.torch import load_file
+
+    evaluations = []
+
+    def compute_metrics(prediction):
+        evaluations.append(len(evaluations))
+        return {"score": -float(len(evaluations))}  # each evaluation scores worse than the one before
+
+    model = tiny_bert()
+    args = sam_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                    load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
+                    per_device_eval_batch_size=4)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data(),
+                         eval_dataset=classification_data(n=8, seed=1), compute_metrics=compute_metrics)
+    trainer.train()
+
+    assert len(evaluations) == 3
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    best = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-6" / "model.safetensors"))
+    weights = model.state_dict()
+    assert any(not torch.equal(best[name], last[name]) for name in best), "steps 3-6 changed the weights"
+    for name, tensor in best.items():
+        assert torch.equal(weights[name], tensor), name
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert not frozen, f"frozen after training: {frozen}"
