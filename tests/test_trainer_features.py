@@ -98,3 +98,41 @@ def test_load_best_model_at_end_ends_with_the_best_checkpoints_weights(tmp_path)
         assert torch.equal(weights[name], tensor), name
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert not frozen, f"frozen after training: {frozen}"
+
+
+def _two_step_weights(tmp_path, sam_mode, gradient_checkpointing):
+    model = tiny_bert(dropout=0.0)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    args = sam_args(tmp_path, max_steps=2, sam_mode=sam_mode, selection_budget=0.2,
+                    gradient_checkpointing=gradient_checkpointing)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=classification_data())
+    trainer.train()
+    assert model.is_gradient_checkpointing == gradient_checkpointing
+    return before, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_gradient_checkpointing_with_selection_gives_the_same_update(tmp_path, monkeypatch):
+    """gradient_checkpointing=True (non-reentrant, the default) recomputes the forward in the backward while the
+    unselected tensors are frozen: the selected tensors above frozen ones get the same gradients, so the weights
+    after two steps equal a run without checkpointing (dropout 0, same seed: same selection)."""
+    import transformers.modeling_utils
+
+    calls = []
+    stock_checkpoint = transformers.modeling_utils.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return stock_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    for sam_mode in ("zo", "sam"):
+        before, plain = _two_step_weights(tmp_path / f"{sam_mode}-plain", sam_mode, False)
+        assert not calls
+        _, checkpointed = _two_step_weights(tmp_path / f"{sam_mode}-ckpt", sam_mode, True)
+        assert calls and set(calls) == {False}, "the layers ran under non-reentrant checkpointing"
+        calls.clear()
+        moved = {n for n in before if not torch.equal(before[n], plain[n])}
+        assert any(n.startswith("bert.encoder.layer.1.") for n in moved), sam_mode
+        assert any(n.startswith("bert.encoder.layer.0.") for n in set(before) - moved), sam_mode
+        for name in before:
+            torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=f"{sam_mode} {name}")
