@@ -420,7 +420,13 @@ class SAMTrainerMixin:
         return round(float(total) / steps, 6)
 
     def train(self, *args, **kwargs):
+        """A second call matches stock `Trainer`, which keeps its optimizer (the AdamW moments) and restarts the step
+        count, schedule and log history: the selector's learned probabilities and the lookback buffer carry over,
+        the held selection, selection history and log window restart (a resume then restores them from the
+        checkpoint; `model_init` rebuilds everything)."""
         self._held = None
+        self._window = self._empty_window()
+        self.history = SelectionHistory([arm.name for arm in self.arms])
         try:
             return super().train(*args, **kwargs)
         finally:

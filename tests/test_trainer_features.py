@@ -136,3 +136,48 @@ def test_gradient_checkpointing_with_selection_gives_the_same_update(tmp_path, m
         assert any(n.startswith("bert.encoder.layer.0.") for n in set(before) - moved), sam_mode
         for name in before:
             torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=f"{sam_mode} {name}")
+
+
+class FirstStepState(TrainerCallback):
+    """What the trainer holds when a train() call begins its first step."""
+
+    def __init__(self):
+        self.trainer, self.seen = None, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            t = self.trainer
+            self.seen.append({
+                "probabilities": t.selector.probabilities.copy(),
+                "lookback": {k: v.clone() for k, v in t._lookback.items()},
+                "optimizer_state": len(t.optimizer.state),
+                "history_steps": list(t.history.steps),
+                "window_steps": t._window["steps"],
+            })
+
+
+def test_a_second_train_keeps_the_learned_state_like_the_stock_optimizer_and_restarts_the_bookkeeping(tmp_path):
+    """Stock Trainer on a second train() keeps its optimizer (AdamW moments) and restarts the step count, schedule and
+    log history. SAMTrainer does the same with its own state: the bandit's probabilities and the lookback buffer
+    carry over (learned, like the moments); the selection history and the log window restart with the step count."""
+    recorder = FirstStepState()
+    args = sam_args(tmp_path, max_steps=3, logging_steps=2, sam_mode="lookback", selection_budget=0.2)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=classification_data(), callbacks=[recorder])
+    recorder.trainer = trainer
+    trainer.train()
+    first = {"probabilities": trainer.selector.probabilities.copy(),
+             "lookback": {k: v.clone() for k, v in trainer._lookback.items()}, "history_steps": list(trainer.history.steps)}
+    assert first["history_steps"] == [2, 3] and first["lookback"]
+    assert trainer._window["steps"] == 1, "step 3 was not logged (logging_steps=2)"
+    trainer.train()
+
+    assert len(recorder.seen) == 2
+    second = recorder.seen[1]
+    assert second["optimizer_state"] > 0, "stock keeps the optimizer"
+    assert (second["probabilities"] == first["probabilities"]).all()
+    assert not (second["probabilities"] == recorder.seen[0]["probabilities"]).all(), "the bandit learned in run 1"
+    assert second["lookback"].keys() == first["lookback"].keys()
+    assert all(torch.equal(second["lookback"][k], first["lookback"][k]) for k in first["lookback"])
+    assert second["history_steps"] == [] and second["window_steps"] == 0
+    assert trainer.history.steps == [2, 3] and sum(trainer.history.window_steps) == 3
+    assert trainer.state.global_step == 3
