@@ -1,6 +1,7 @@
 """Arms: the groups of trainable parameter tensors that layer selection turns on and off (pure torch)."""
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -91,7 +92,8 @@ def group_arms(
 ) -> tuple[list[Arm], Arm]:
     """Split the trainable parameters of `model` into bandit arms and the always-selected group.
 
-    Returns `(arms, always)`; `always.params` train every step and are not arms.
+    Returns `(arms, always)`; `always.params` train every step and are not arms. A regex of `always_selected` that
+    matches no trainable tensor (a typo, `lm_head` tied to the embeddings, "auto,classifier" as one string) warns.
     """
     if granularity not in ("tensor", "block"):
         raise ValueError(f"arm_granularity must be one of ['tensor', 'block'], got {granularity!r}")
@@ -110,4 +112,9 @@ def group_arms(
             arm = arms.setdefault(key, Arm(key))
         arm.param_names.append(name)
         arm.params.append(param)
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    for pattern in always_selected:
+        if pattern not in ("auto", "none") and not any(re.search(pattern, name) for name in trainable):
+            warnings.warn(f"always_selected pattern {pattern!r} matches no trainable parameter tensor (patterns are "
+                          "regexes searched in parameter names, one per list entry)", stacklevel=2)
     return list(arms.values()), always

@@ -420,13 +420,12 @@ class SAMTrainerMixin:
         return round(float(total) / steps, 6)
 
     def train(self, *args, **kwargs):
-        """A second call matches stock `Trainer`, which keeps its optimizer (the AdamW moments) and restarts the step
-        count, schedule and log history: the selector's learned probabilities and the lookback buffer carry over,
-        the held selection, selection history and log window restart (a resume then restores them from the
-        checkpoint; `model_init` rebuilds everything)."""
-        self._held = None
-        self._window = self._empty_window()
-        self.history = SelectionHistory([arm.name for arm in self.arms])
+        """Every call starts the SAM state afresh, as the step count, schedule and log history restart: selector,
+        lookback buffer, held selection, selection history and log window (a resume then restores them from the
+        checkpoint; `model_init` rebuilds them from the new model). The base optimizer is stock's: a second call
+        keeps its moments."""
+        if self.state.global_step > 0:  # a run happened on this trainer: its state is the previous run's
+            self._build_selection()
         try:
             return super().train(*args, **kwargs)
         finally:

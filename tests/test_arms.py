@@ -1,5 +1,7 @@
 """Arm grouping: tensors or blocks, and which tensors are always selected."""
 
+import warnings
+
 import pytest
 from conftest import tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
@@ -103,3 +105,15 @@ def test_frozen_parameters_are_not_arms():
 def test_unknown_granularity():
     with pytest.raises(ValueError, match="arm_granularity"):
         group_arms(tiny_bert(), "layer", ["auto"])
+
+
+def test_always_selected_pattern_that_matches_nothing_warns():
+    model = tiny_bert()
+    with pytest.warns(UserWarning, match="'auto,classifier' matches no trainable parameter"):
+        group_arms(model, "tensor", ["auto,classifier"])
+    with pytest.warns(UserWarning, match="'lm_head' matches no"):
+        group_arms(model, "tensor", ["classifier", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        arms, always = group_arms(model, "tensor", ["auto", "pooler"])
+    assert any("pooler" in name for name in always.param_names)
