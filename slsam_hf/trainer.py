@@ -233,13 +233,27 @@ class SAMTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock loss. When the forward reaches no selected tensor (every arm drawn is unused by the model), the loss
         has no graph and stock backward would raise; it becomes a leaf that requires grad instead, so the backward
-        leaves every .grad None: the ascent is skipped and the step changes nothing."""
+        leaves every .grad None: the ascent is skipped and the step changes nothing. A loss that has no graph with
+        every arm on (a custom loss that detaches) is returned as it is, so stock backward raises its error."""
+        kept = dict(inputs)  # stock compute_loss may pop the labels; the check below needs them
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.selector is None or not torch.is_grad_enabled() or loss.requires_grad:
             return result
+        if not self._loss_has_graph_with_every_arm(model, kept, num_items_in_batch):
+            return result
         loss = loss.detach().requires_grad_()
         return (loss, *result[1:]) if return_outputs else loss
+
+    def _loss_has_graph_with_every_arm(self, model, inputs, num_items_in_batch):
+        """One more forward with every arm on, run only after a loss without a graph: whether any trainable tensor
+        reaches the loss at all."""
+        self._set_requires_grad(None)
+        try:
+            with self._off_the_record():
+                return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch).requires_grad
+        finally:
+            self._set_requires_grad(self._selected)
 
     def _begin_step(self):
         """Draw S_t for the optimizer step about to start (`training_step` freezes every other arm while its passes

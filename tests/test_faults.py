@@ -153,6 +153,20 @@ def test_step_whose_selected_arms_are_all_unused_changes_nothing(tmp_path, mode,
         assert scaler.get_scale() == loss_scale
 
 
+@pytest.mark.parametrize("trainer_cls", [Trainer, SAMTrainer])
+def test_a_loss_that_detaches_raises_the_stock_error(tmp_path, trainer_cls):
+    """A custom loss without a graph is a user error, not a step whose drawn arms are all unused: SAMTrainer with
+    selection raises stock backward's error too, instead of running no-op steps."""
+    detached = lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum().detach()  # noqa: E731
+    args = sam_args(tmp_path, layer_selection="bandit", max_steps=2)
+    if trainer_cls is Trainer:
+        args = TrainingArguments(**{k: getattr(args, k) for k in ("output_dir", "max_steps", "use_cpu", "report_to")})
+    trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=classification_data(),
+                          compute_loss_func=detached)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        trainer.train()
+
+
 def test_needs_sam_training_arguments(tmp_path):
     with pytest.raises(TypeError, match="SAMTrainingArguments"):
         SAMTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
