@@ -104,6 +104,16 @@ class SAMTrainerMixin:
         # is sam_mode='none'.
         self.ascent = None if args.sam_rho == 0 else ascent_direction(args.sam_mode, args.zo_direction,
                                                                      args.zo_num_directions, args.zo_eps)
+        # Half-precision weights: epsilon's elements below the dtype's spacing round away when added.
+        low = sorted({str(p.dtype) for p in self._trainable.values() if p.dtype in (torch.bfloat16, torch.float16)})
+        self._low_precision = self.ascent is not None and bool(low)
+        if self._low_precision:
+            logger.warning(
+                f"Trainable weights in {', '.join(low)}: elements of the perturbation rho * g / ||g|| (and of the "
+                "zero-order probe's zo_eps * u) below the dtype's spacing round away when added, e.g. ~1e-2 for bf16 "
+                "weights near 1. The logged perturbation_norm is the norm actually applied (rho when nothing is "
+                "lost); keep fp32 weights with bf16 autocast (bf16=True), or raise sam_rho / zo_eps."
+            )
         self._lookback: dict[str, torch.Tensor] = {}
         self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
         self._window = self._empty_window()
@@ -207,6 +217,10 @@ class SAMTrainerMixin:
                     backup, moved = perturb(params, direction, args.sam_rho, self.ascent.adaptive,
                                             self._micro_batch.backup(params))
                     skipped = ~moved  # a bool on the device: read only when logging
+                    if self._low_precision:  # ||theta + epsilon - theta|| as applied, on the device
+                        with torch.no_grad():
+                            self._window["applied"] += grad_norm(torch._foreach_sub(params, backup))
+                        self._window["perturbed"] += 1
                 del direction
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
@@ -403,7 +417,7 @@ class SAMTrainerMixin:
     @staticmethod
     def _empty_window():
         return {"steps": 0, "active": 0.0, "selected": 0, "perturbed_loss": 0.0, "sharpness": 0.0, "skipped": 0,
-                "bandit_skipped": 0, "cosine": []}
+                "bandit_skipped": 0, "cosine": [], "applied": 0.0, "perturbed": 0}
 
     def log(self, logs, start_time=None):
         """Adds the SAM figures, averaged over the logging window, to the Trainer's training logs."""
@@ -415,6 +429,8 @@ class SAMTrainerMixin:
                 logs["perturbation_skipped"] = int(window["skipped"])
                 if self.ascent.first_order:
                     logs["sharpness"] = self._window_mean(window["sharpness"], steps)
+                if window["perturbed"]:
+                    logs["perturbation_norm"] = self._window_mean(window["applied"], window["perturbed"])
             if window["cosine"]:
                 logs["ascent_cosine"] = float(np.mean(window["cosine"]))
             logs["active_param_ratio"] = window["active"] / steps

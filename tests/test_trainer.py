@@ -519,3 +519,27 @@ def test_cosine_diagnostic_skips_zero_order_ties(tmp_path):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log["perturbation_skipped"] for log in logs] == [1, 1]
     assert not any("ascent_cosine" in log for log in logs)
+
+
+def test_half_precision_weights_warn_and_log_the_perturbation_actually_applied(tmp_path, caplog):
+    """bf16 weights: epsilon's elements below bf16 spacing round away. A tiny rho is lost almost entirely, a large
+    one arrives whole; the logged perturbation_norm = ||theta + epsilon - theta|| as applied shows which."""
+    applied = {}
+    for rho in (1e-4, 10.0):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="slsam_hf.trainer"):
+            trainer = SAMTrainer(model=tiny_bert(dropout=0.0).to(torch.bfloat16), train_dataset=classification_data(),
+                                 args=sam_args(tmp_path / str(rho), sam_mode="sam", layer_selection="all",
+                                               sam_rho=rho, max_steps=2, learning_rate=0.0))
+        assert "round away" in caplog.text and "torch.bfloat16" in caplog.text
+        trainer.train()
+        applied[rho] = [log["perturbation_norm"] for log in trainer.state.log_history if "perturbation_norm" in log]
+    assert len(applied[1e-4]) == 2 and all(0 < n < 0.9e-4 for n in applied[1e-4])  # part of it rounded away
+    assert all(n == pytest.approx(10.0, rel=0.02) for n in applied[10.0])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slsam_hf.trainer"):
+        trainer = SAMTrainer(model=tiny_bert(), train_dataset=classification_data(),
+                             args=sam_args(tmp_path / "fp32", sam_mode="sam", max_steps=1))
+    trainer.train()
+    assert "round away" not in caplog.text
+    assert not any("perturbation_norm" in log for log in trainer.state.log_history)
