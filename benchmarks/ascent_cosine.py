@@ -30,7 +30,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from slsam_hf import SAMTrainer, SAMTrainingArguments
 from slsam_hf.ascent import cosine_similarity
 
-from glue_accuracy import METHODS, glue_data  # noqa: I001 (benchmarks/ is the script's folder)
+from glue_accuracy import METHODS, GlueAccuracyArguments, glue_data  # noqa: I001 (benchmarks/ is the script's folder)
 from step_cost import MODELS, check_names, load_model, packed_dataset
 
 # Per model: data and the training settings of its benchmark (MiniLM: GLUE accuracy; SmolLM2: the LLM recipe).
@@ -92,22 +92,14 @@ class PriorCosines(TrainerCallback):
         self.previous = [g.clone() for g in grads]
 
 
-@dataclass
-class _GlueLimits:
-    """The subset of the GLUE benchmark's arguments that `glue_data` reads."""
-
-    max_seq_length: int
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = 64
-
-
 def train(args: AscentCosineArguments, model_key: str, method: str, callbacks=()) -> CoverageTrainer:
     """Fine-tune `model_key` with `method` for `args.steps` steps, logging ascent_cosine at every step."""
     set_seed(args.seed)
     model, tokenizer = load_model(model_key)
     settings = SETTINGS[model_key]
     if MODELS[model_key]["task"] == "classification":
-        train, _, _ = glue_data("mrpc", tokenizer, _GlueLimits(args.seq_length))
+        limits = GlueAccuracyArguments(tasks=["mrpc"], max_seq_length=args.seq_length, max_eval_samples=64)
+        train, _, _ = glue_data("mrpc", tokenizer, limits)
     else:
         train = packed_dataset(tokenizer, "causal", settings["batch_size"] * args.steps, args.seq_length, args.seed)
     with tempfile.TemporaryDirectory() as output_dir:

@@ -73,7 +73,7 @@ class SAMTrainerMixin:
 
     def _build_selection(self):
         """Arms, selector, history, trainable-tensor maps and ascent direction of `self.model` under `self.args`;
-        again at the start of `train()` when `model_init` rebuilt the model (and a hyperparameter trial may have
+        built again by a second `train()` and when `model_init` rebuilt the model (a hyperparameter trial may have
         changed the options)."""
         args = self.args
         self.arms, self.always_selected = group_arms(self.model, args.arm_granularity, args.always_selected)
@@ -200,7 +200,6 @@ class SAMTrainerMixin:
         self._before_step = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        args = self.args
         if self._step_started != self.state.global_step:
             self._begin_step()
         inputs = self._prepare_inputs(inputs)
@@ -214,13 +213,7 @@ class SAMTrainerMixin:
             if perturbing:
                 params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
                 if direction is not None:
-                    backup, moved = perturb(params, direction, args.sam_rho, self.ascent.adaptive,
-                                            self._micro_batch.backup(params))
-                    skipped = ~moved  # a bool on the device: read only when logging
-                    if self._low_precision:  # ||theta + epsilon - theta|| as applied, on the device
-                        with torch.no_grad():
-                            self._window["applied"] += grad_norm(torch._foreach_sub(params, backup))
-                        self._window["perturbed"] += 1
+                    backup, skipped = self._perturb(params, direction)
                 del direction
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
@@ -243,6 +236,18 @@ class SAMTrainerMixin:
         if self.accelerator.sync_gradients:
             self._end_step()
         return loss if clean_loss is None else clean_loss
+
+    @torch.no_grad()
+    def _perturb(self, params, direction):
+        """theta <- theta + epsilon on `params`; returns (the copy of theta to restore, whether the step was left
+        unperturbed: a bool on the device, read only when logging). With half-precision weights it also records
+        ||theta + epsilon - theta|| as applied."""
+        backup, moved = perturb(params, direction, self.args.sam_rho, self.ascent.adaptive,
+                                self._micro_batch.backup(params))
+        if self._low_precision:
+            self._window["applied"] += grad_norm(torch._foreach_sub(params, backup))
+            self._window["perturbed"] += 1
+        return backup, ~moved
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock loss. When the forward reaches no selected tensor (every arm drawn is unused by the model), the loss

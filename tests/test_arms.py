@@ -78,7 +78,8 @@ def test_block_arms_of_a_decoder_with_tied_head():
 
 def assert_one_arm_per_adapted_module(arms):
     """tiny_bert with LoRA on query and value: 2 layers x (query, value) arms, each holding that module's A and B."""
-    modules = [f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+    modules = [f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}"
+               for i in (0, 1) for m in ("query", "value")]
     assert names(arms) == [f"{m}.lora.default" for m in modules]
     for arm, module in zip(arms, modules):
         assert arm.param_names == [f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"]

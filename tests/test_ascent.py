@@ -264,6 +264,9 @@ def test_ascent_direction_builds_each_mode(mode, cls, adaptive):
     assert direction.first_order == (mode in ("sam", "asam"))
     if mode == "zo":
         assert direction.along_momentum and direction.eps == 1e-2
+
+
+def test_ascent_direction_of_none_and_of_bad_values():
     assert ascent_direction("none") is None
     with pytest.raises(ValueError, match="sam_mode must be one of"):
         ascent_direction("adam")

@@ -1,8 +1,6 @@
 """Trainer features a drop-in user may have on (README, "Compatibility with `Trainer` features"): mid-training
 evaluation and callbacks, load_best_model_at_end, gradient checkpointing, a second train()."""
 
-import copy
-
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -166,7 +164,8 @@ def test_a_second_train_starts_the_sam_state_afresh(tmp_path):
     recorder.trainer = trainer
     trainer.train()
     first = {"probabilities": trainer.selector.probabilities.copy(),
-             "lookback": {k: v.clone() for k, v in trainer._lookback.items()}, "history_steps": list(trainer.history.steps)}
+             "lookback": {k: v.clone() for k, v in trainer._lookback.items()},
+             "history_steps": list(trainer.history.steps)}
     assert first["history_steps"] == [2, 3] and first["lookback"]
     assert trainer._window["steps"] == 1, "step 3 was not logged (logging_steps=2)"
     trainer.train()
