@@ -264,6 +264,20 @@ def tokenize(dataset, tokenizer, fields: list, max_length: int, limit: Optional[
                        batched=True, remove_columns=[name for name in dataset.column_names if name != "label"])
 
 
+def flip_labels(dataset, rate: float, num_labels: int, seed: int = 0):
+    """Label noise: round(rate * n) rows, chosen with `seed`, get another class drawn uniformly from the
+    num_labels - 1 others (with two classes: the other one). Row order and every other column are kept."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
+    if num_labels < 2:
+        raise ValueError("label noise needs a classification task (2 or more classes)")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(dataset["label"])
+    rows = rng.choice(len(labels), size=round(rate * len(labels)), replace=False)
+    labels[rows] = (labels[rows] + rng.integers(1, num_labels, size=rows.size)) % num_labels
+    return dataset.map(lambda row, i: {"label": int(labels[i])}, with_indices=True)
+
+
 def predicted(logits, is_regression: bool) -> np.ndarray:
     """Class ids (argmax), or the single output of a regression head."""
     logits = logits[0] if isinstance(logits, tuple) else logits
