@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -17,6 +18,8 @@ import llm_accuracy
 import step_cost
 import step_overhead
 from step_cost import read_jsonl
+
+from slsam_hf.assets import MINILM, resolve_model
 
 
 def run_benchmark(module, *args) -> None:
@@ -43,27 +46,49 @@ def test_step_cost_counts_passes_and_writes_ratios(tmp_path):
     assert (tmp_path / "tiny.png").stat().st_size > 0
 
 
-def test_glue_accuracy_both_budgets_and_resume(tmp_path, capsys):
-    args = ["--tasks", "rte", "--methods", "adamw", "sl_zo", "--seeds", 0, "--max_train_samples", 16,
-            "--max_eval_samples", 16, "--num_train_epochs", 1, "--max_seq_length", 32,
-            "--per_device_train_batch_size", 8, "--output_dir", tmp_path]
+def test_glue_accuracy_both_budgets_flatness_and_resume(tmp_path, capsys):
+    args = ["--tasks", "sst2", "--methods", "adamw", "sl_zo", "--seeds", 0, "--max_train_samples", 16,
+            "--max_eval_samples", 16, "--num_train_epochs", 1, "--max_seq_length", 32, "--label_noise", 0.25,
+            "--per_device_train_batch_size", 8, "--sharpness_samples", 8, "--sharpness_batch_size", 4,
+            "--sharpness_directions", 1, "--sharpness_hessian_iters", 2, "--output_dir", tmp_path]
+    path = tmp_path / "glue_accuracy.jsonl"
     run_benchmark(glue_accuracy, *args)
-    results = read_jsonl(tmp_path / "glue_accuracy.jsonl")
-    assert sorted((r["method"], r["budget"]) for r in results) == [
-        ("adamw", "steps"), ("adamw", "time"), ("sl_zo", "steps"), ("sl_zo", "time")]
-    by_key = {(r["method"], r["budget"]): r for r in results}
+    results = read_jsonl(path)
+    assert [(r["method"], r["budget"]) for r in results] == [("adamw", "steps"), ("sl_zo", "steps"),
+                                                             ("sl_zo", "equal_time")]
+    adamw, sl_zo, equal_time = results
     for r in results:
-        assert r["total_steps"] == 2 and 1 <= r["steps"] <= 2
         assert (16 * r["metrics"]["accuracy"]).is_integer()  # k of the 16 dev examples right
-    adamw_seconds = by_key["adamw", "steps"]["train_cpu_seconds"]
-    assert by_key["sl_zo", "time"]["budget_seconds"] == adamw_seconds
-    assert by_key["sl_zo", "time"]["within_budget"] == (by_key["sl_zo", "steps"]["train_cpu_seconds"] < adamw_seconds)
+        assert set(glue_accuracy.SHARPNESS_KEYS) <= set(r["sharpness"]) and r["sharpness"]["cpu_seconds"] > 0
+        assert "label_noise=0.25" in r["setting"]
+    assert adamw["steps"] == sl_zo["steps"] == 2
+    # Equal time: the schedule shortened by the measured ratio (one seed: the median is that seed's ratio).
+    ratio = sl_zo["train_cpu_seconds"] / adamw["train_cpu_seconds"]
+    assert equal_time["time_ratio"] == pytest.approx(ratio) and equal_time["ratio_seeds"] == [0]
+    assert equal_time["steps"] == equal_time["max_steps"] == max(1, round(2 / ratio))
     capsys.readouterr()
     run_benchmark(glue_accuracy, *args)  # everything done: nothing is trained again
-    output = capsys.readouterr().out
-    assert len(read_jsonl(tmp_path / "glue_accuracy.jsonl")) == 4
-    assert "| rte | time | sl_zo | 1 |" in output
-    assert (tmp_path / "glue_accuracy.md").is_file()
+    assert len(read_jsonl(path)) == 3
+    assert "| sst2 | equal_time | sl_zo | 1 |" in capsys.readouterr().out
+    assert (tmp_path / "glue_accuracy.md").is_file() and (tmp_path / "glue_accuracy_sst2_noise0.25.png").is_file()
+    # A line without the flatness figures is run again; the newest line of a key is the one that counts.
+    path.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "sharpness" or r is not adamw})
+                              for r in results) + "\n")
+    run_benchmark(glue_accuracy, *args)
+    rerun = read_jsonl(path)
+    assert len(rerun) == 4 and rerun[-1]["method"] == "adamw" and "sharpness" in rerun[-1]
+    assert glue_accuracy.latest(rerun)["sst2", "adamw", 0, "steps", adamw["setting"]] == rerun[-1]
+
+
+def test_glue_data_flips_training_labels_only():
+    limits = dict(tasks=["sst2"], max_train_samples=40, max_eval_samples=20)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MINILM))
+    clean_train, clean_dev, _ = glue_accuracy.glue_data("sst2", tokenizer, glue_accuracy.GlueAccuracyArguments(**limits))
+    train, dev, _ = glue_accuracy.glue_data("sst2", tokenizer,
+                                            glue_accuracy.GlueAccuracyArguments(label_noise=0.2, **limits))
+    assert sum(a != b for a, b in zip(train["label"], clean_train["label"])) == 8
+    assert train["input_ids"] == clean_train["input_ids"]
+    assert dev["label"] == clean_dev["label"] and dev["input_ids"] == clean_dev["input_ids"]
 
 
 def test_llm_accuracy_reports_finetuned_model(tmp_path):

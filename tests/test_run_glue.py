@@ -283,3 +283,24 @@ def test_task_name_alone_uses_shipped_folder(recipe):
     assert Path(recipe.DataTrainingArguments(task_name="RTE").data_dir) == GLUE / "RTE"
     args = recipe.DataTrainingArguments(task_name="qqp")  # not shipped: the Hub
     assert (args.dataset_name, args.data_dir) == ("nyu-mll/glue", None)
+
+
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_flip_labels_changes_exactly_the_asked_share_to_other_classes(recipe, num_labels):
+    from datasets import Dataset
+
+    clean = np.random.default_rng(1).integers(0, num_labels, 1000)
+    data = Dataset.from_dict({"label": clean.tolist(), "text": [str(i) for i in range(1000)]})
+    noisy = recipe.flip_labels(data, 0.2, num_labels, seed=3)
+    labels = np.asarray(noisy["label"])
+    assert (labels != clean).sum() == 200 and set(labels) <= set(range(num_labels))
+    assert noisy["text"] == data["text"]  # rows keep their order and other columns
+    assert noisy["label"] == recipe.flip_labels(data, 0.2, num_labels, seed=3)["label"]
+    assert noisy["label"] != recipe.flip_labels(data, 0.2, num_labels, seed=4)["label"]
+    if num_labels == 3:  # the new class is drawn among the two others: both occur
+        changed = labels != clean
+        assert set((labels[changed] - clean[changed]) % 3) == {1, 2}
+    with pytest.raises(ValueError, match="rate"):
+        recipe.flip_labels(data, 1.5, num_labels)
+    with pytest.raises(ValueError, match="classification"):
+        recipe.flip_labels(data, 0.2, 1)
