@@ -104,7 +104,7 @@ class GlueAccuracyArguments:
                   "choices": ["cpu", "wall"]},
     )
     sharpness_samples: int = field(
-        default=128, metadata={"help": "Flatness of each final model on the first n dev examples (0: not measured)."}
+        default=64, metadata={"help": "Flatness of each final model on the first n dev examples (0: not measured)."}
     )
     sharpness_batch_size: int = field(default=32, metadata={"help": "Batch size of the flatness measurement."})
     sharpness_rho: float = field(default=0.05, metadata={"help": "Radius of the ascent and random sharpness."})
@@ -158,16 +158,18 @@ def glue_data(task: str, tokenizer, args: GlueAccuracyArguments):
 
 
 def sharpness_of(model, dev, tokenizer, args: GlueAccuracyArguments) -> dict:
-    """slsam_hf.sharpness.measure_sharpness on the first args.sharpness_samples dev examples, and its seconds."""
+    """slsam_hf.sharpness.measure_sharpness on the first args.sharpness_samples dev examples, with its CPU seconds
+    and options."""
     rows = dev.select(range(min(args.sharpness_samples, len(dev))))
     collate = DataCollatorWithPadding(tokenizer)
     size = args.sharpness_batch_size
     batches = [collate([rows[i] for i in range(start, min(start + size, len(rows)))])
                for start in range(0, len(rows), size)]
+    options = {"rho": args.sharpness_rho, "num_directions": args.sharpness_directions,
+               "hessian_iters": args.sharpness_hessian_iters, "seed": 0}
     started = time.process_time()
-    figures = measure_sharpness(model, batches, rho=args.sharpness_rho, num_directions=args.sharpness_directions,
-                                hessian_iters=args.sharpness_hessian_iters, seed=0)
-    return dict(figures, cpu_seconds=time.process_time() - started)
+    figures = measure_sharpness(model, batches, **options)
+    return dict(figures, cpu_seconds=time.process_time() - started, samples=len(rows), **options)
 
 
 def train_one(args: GlueAccuracyArguments, task: str, method: str, seed: int, max_steps: int = -1) -> dict:
