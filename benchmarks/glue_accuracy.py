@@ -28,7 +28,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from scipy import stats
 from transformers import DataCollatorWithPadding, HfArgumentParser, TrainerCallback, set_seed
 
 from slsam_hf import SAMTrainer, SAMTrainingArguments
@@ -37,7 +36,7 @@ from slsam_hf.sharpness import measure_sharpness
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import run_glue
 from step_cost import METHODS as COST_METHODS
-from step_cost import check_names, load_model, mean_percent, mean_std, read_jsonl, setting_key
+from step_cost import check_names, load_model, mean_percent, mean_std, paired_interval, read_jsonl, setting_key
 
 # The step-cost methods, the default mode with the paper's rule (the task head is a bandit arm too), and the default
 # mode at a 50 % budget (the candidate default if 20 % costs accuracy).
@@ -294,12 +293,6 @@ def summarize(results: list[dict], setting: str, tasks: list[str], methods: list
                     f"{' | '.join(flat)} |"
                 )
     return "\n".join(lines)
-
-
-def paired_interval(d: np.ndarray) -> tuple:
-    """(mean, half-width of the 95 % paired-t interval t_{0.975, n-1} * std(d, ddof=1) / sqrt(n), None if n < 2)."""
-    half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else None
-    return d.mean(), half
 
 
 def paired_differences(results: list[dict], setting: str, tasks: list[str], methods: list[str]) -> str:

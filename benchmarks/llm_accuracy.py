@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct fine-tuned with LoRA on the shipped instruction data by AdamW, SAM and the default mode
-(SL-SAM bandit + ZO-SAM), then evaluated: held-out loss / perplexity and zero-shot benchmarks.
+(SL-SAM bandit + ZO-SAM), then evaluated: held-out loss / perplexity and zero-shot benchmarks (lm-eval's acc and
+acc_norm with their standard errors), over seeds, with the paired difference of each method to AdamW.
 
-    HF_HUB_OFFLINE=1 python benchmarks/llm_accuracy.py --max_steps 30 --benchmarks arc_easy,piqa --eval_limit 200
+    HF_HUB_OFFLINE=1 python benchmarks/llm_accuracy.py --seeds 0 1 2 --max_steps 150 --eval_limit 500
 
 Each run is recipes/finetune_llm.py launched with flags (its evaluation is recipes/eval_llm.py's); the untuned
 model is evaluated by recipes/eval_llm.py. One line per (method, seed, setting) is appended to
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from step_cost import LORA, check_names, mean_percent, mean_std, read_jsonl, setting_key
+from step_cost import LORA, check_names, mean_percent, mean_std, paired_interval, read_jsonl, setting_key
 from step_cost import METHODS as COST_METHODS
 from transformers import HfArgumentParser
 
@@ -28,15 +29,17 @@ METHODS = {name: COST_METHODS[name] for name in ("adamw", "sam", "sl_zo", "sl_zo
 
 @dataclass
 class LLMAccuracyArguments:
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"From {list(METHODS)}."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
-    max_steps: int = field(default=30, metadata={"help": "Optimizer steps of every run."})
+    methods: list[str] = field(default_factory=lambda: ["adamw", "sam", "sl_zo_momentum_probe025"],
+                               metadata={"help": f"From {list(METHODS)}."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds."})
+    max_steps: int = field(default=150, metadata={"help": "Optimizer steps of every run."})
     learning_rate: float = field(default=1e-3, metadata={"help": "LoRA learning rate, the same for every method."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Training batch size."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per training record (truncated)."})
     heldout_size: int = field(default=64, metadata={"help": "Instruction records held out for the loss."})
-    benchmarks: str = field(default="arc_easy,piqa", metadata={"help": "eval_llm.py benchmarks, comma-separated."})
-    eval_limit: int = field(default=200, metadata={"help": "Items per benchmark (the first N)."})
+    benchmarks: str = field(default="arc_easy,piqa,hellaswag",
+                            metadata={"help": "eval_llm.py benchmarks, comma-separated."})
+    eval_limit: int = field(default=500, metadata={"help": "Items per benchmark (the first N)."})
     eval_base: bool = field(default=True, metadata={"help": "Also evaluate the untuned model (method 'base')."})
     output_dir: str = field(default="benchmarks/results", metadata={"help": "Where llm_accuracy.jsonl goes."})
 
@@ -64,9 +67,13 @@ def run_recipe(script: str, options: dict, report_file: str) -> dict:
     return json.loads((Path(options["output_dir"]) / report_file).read_text())
 
 
-def accuracies(benchmarks: dict) -> dict:
-    """{'arc_easy': 0.61, ...}: lm-eval's 'acc,none' per benchmark."""
-    return {name: values["acc,none"] for name, values in benchmarks.items() if "acc,none" in values}
+def scores(benchmarks: dict) -> dict:
+    """lm-eval's per-benchmark results -> {'accuracy': {'arc_easy': 0.61, ...}, 'accuracy_stderr': {...},
+    'accuracy_norm': {...}, 'accuracy_norm_stderr': {...}} (acc, acc_norm and their standard errors)."""
+    keys = {"accuracy": "acc,none", "accuracy_stderr": "acc_stderr,none", "accuracy_norm": "acc_norm,none",
+            "accuracy_norm_stderr": "acc_norm_stderr,none"}
+    return {field: {name: values[key] for name, values in benchmarks.items() if key in values}
+            for field, key in keys.items()}
 
 
 def finetune(args: LLMAccuracyArguments, method: str, seed: int) -> dict:
@@ -79,7 +86,7 @@ def finetune(args: LLMAccuracyArguments, method: str, seed: int) -> dict:
         )
         report = run_recipe("finetune_llm.py", options, "finetune_report.json")
     return {"heldout_loss": report["heldout_after"]["loss"], "perplexity": report["heldout_after"]["perplexity"],
-            "accuracy": accuracies(report.get("benchmarks", {})), "train_seconds": report["train_runtime_s"],
+            **scores(report.get("benchmarks", {})), "train_seconds": report["train_runtime_s"],
             "active_param_ratio": report["sam"]["active_param_ratio"], "steps": report["steps"]}
 
 
@@ -89,23 +96,57 @@ def evaluate_base(args: LLMAccuracyArguments, seed: int) -> dict:
                    "max_seq_length": args.max_seq_length, "benchmarks": args.benchmarks, "limit": args.eval_limit}
         report = run_recipe("eval_llm.py", options, "eval_results.json")
     return {"heldout_loss": report["heldout"]["loss"], "perplexity": report["heldout"]["perplexity"],
-            "accuracy": accuracies(report.get("benchmarks", {})), "train_seconds": 0.0, "steps": 0}
+            **scores(report.get("benchmarks", {})), "train_seconds": 0.0, "steps": 0}
+
+
+def benchmark_names(args: LLMAccuracyArguments) -> list[str]:
+    return [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+
+
+def standard_error(runs: list[dict], name: str) -> str:
+    """Mean over runs of lm-eval's standard error of a benchmark's accuracy, in points; '-' if not recorded."""
+    errors = [100 * r["accuracy_stderr"][name] for r in runs if name in r.get("accuracy_stderr", {})]
+    return f"{np.mean(errors):.1f}" if errors else "-"
 
 
 def table(args: LLMAccuracyArguments, results: list[dict]) -> str:
-    """Markdown table of the mean (and std over seeds) per method."""
-    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    lines = ["| method | seeds | held-out loss | perplexity | " + " | ".join(names) + " | train s | active |",
-             "|---" * (6 + len(names)) + "|"]
+    """Markdown table per method: mean ± std over seeds, and each benchmark's mean standard error (SE) over items."""
+    names = benchmark_names(args)
+    lines = ["| method | seeds | held-out loss | perplexity | " + " | ".join(f"{n} acc (SE)" for n in names) +
+             " | train s | active |", "|---" * (6 + len(names)) + "|"]
     for method in (["base"] if args.eval_base else []) + args.methods:
         runs = [r for r in results if r["method"] == method and r["setting"] == args.setting]
         if not runs:
             continue
-        accs = [mean_std([100 * r["accuracy"][n] for r in runs if n in r["accuracy"]]) for n in names]
+        accs = [f"{mean_std([100 * r['accuracy'][n] for r in runs if n in r['accuracy']])} ({standard_error(runs, n)})"
+                for n in names]
         active = [r.get("active_param_ratio") for r in runs if r.get("active_param_ratio") is not None]
         lines.append(f"| {method} | {len(runs)} | {mean_std([r['heldout_loss'] for r in runs], 3)} | "
                      f"{mean_std([r['perplexity'] for r in runs], 2)} | " + " | ".join(accs) +
                      f" | {np.mean([r['train_seconds'] for r in runs]):.0f} | {mean_percent(active)} |")
+    return "\n".join(lines)
+
+
+def paired_table(args: LLMAccuracyArguments, results: list[dict]) -> str:
+    """Markdown table per method: the difference to AdamW of the same seed in held-out loss and in each benchmark's
+    accuracy (points), mean and 95 % paired-t interval over seeds."""
+    names = benchmark_names(args)
+    runs = {(r["method"], r["seed"]): r for r in results if r["setting"] == args.setting}
+    lines = ["| method | paired seeds | held-out loss − AdamW | " + " | ".join(f"{n} − AdamW" for n in names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+
+    def cell(values):
+        mean, half = paired_interval(np.asarray(values))
+        return f"{mean:+.3g}" + ("" if half is None else f" ({mean - half:+.3g} .. {mean + half:+.3g})")
+
+    for method in args.methods:
+        seeds = sorted(s for m, s in runs if m == method and ("adamw", s) in runs and method != "adamw")
+        if not seeds:
+            continue
+        pairs = [(runs[method, s], runs["adamw", s]) for s in seeds]
+        lines.append(f"| {method} | {len(seeds)} | {cell([a['heldout_loss'] - b['heldout_loss'] for a, b in pairs])} | "
+                     + " | ".join(cell([100 * (a["accuracy"][n] - b["accuracy"][n]) for a, b in pairs]) for n in names)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -126,7 +167,8 @@ def main(argv: list[str] | None = None):
             with open(path, "a") as f:
                 f.write(json.dumps(result) + "\n")
             print(f"{method} seed {seed}: {result}", flush=True)
-    text = table(args, read_jsonl(path))
+    results = read_jsonl(path)
+    text = f"{table(args, results)}\n\n{paired_table(args, results)}"
     print(f"setting: {args.setting}\n{text}")
     (path.parent / "llm_accuracy.md").write_text(f"setting: `{args.setting}`\n\n{text}\n")
 

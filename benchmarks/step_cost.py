@@ -95,6 +95,14 @@ def mean_percent(values: list) -> str:
     return f"{np.mean(values):.1%}" if len(values) else "-"
 
 
+def paired_interval(d: np.ndarray) -> tuple:
+    """(mean, half-width of the 95 % paired-t interval t_{0.975, n-1} * std(d, ddof=1) / sqrt(n), None if n < 2)."""
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else None
+    return d.mean(), half
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL results file (shared by the accuracy benchmarks); [] when it does not exist yet."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -92,14 +92,26 @@ def test_glue_data_flips_training_labels_only():
 
 
 def test_llm_accuracy_reports_finetuned_model(tmp_path):
-    run_benchmark(llm_accuracy, "--methods", "sl_zo", "--eval_base", "False", "--max_steps", 1,
+    run_benchmark(llm_accuracy, "--methods", "sl_zo", "--eval_base", "False", "--max_steps", 1, "--seeds", 0,
                   "--max_seq_length", 128, "--heldout_size", 4, "--benchmarks", "arc_easy", "--eval_limit", 2,
                   "--output_dir", tmp_path)
     (result,) = read_jsonl(tmp_path / "llm_accuracy.jsonl")
     assert result["method"] == "sl_zo" and result["steps"] == 1
     assert math.isclose(result["perplexity"], math.exp(result["heldout_loss"]), rel_tol=1e-6)
-    assert result["accuracy"]["arc_easy"] in (0.0, 0.5, 1.0)
+    accuracy, stderr = result["accuracy"]["arc_easy"], result["accuracy_stderr"]["arc_easy"]
+    assert accuracy in (0.0, 0.5, 1.0)
+    assert stderr == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 1))  # lm-eval: sample std / sqrt(n), n = 2
     assert "| sl_zo | 1 |" in (tmp_path / "llm_accuracy.md").read_text()
+
+
+def test_llm_paired_table_gives_differences_to_adamw_with_intervals():
+    args = llm_accuracy.LLMAccuracyArguments(methods=["adamw", "sam"], benchmarks="piqa")
+    runs = [{"method": m, "seed": s, "setting": args.setting, "heldout_loss": loss, "accuracy": {"piqa": acc}}
+            for m, s, loss, acc in [("adamw", 0, 1.5, 0.60), ("sam", 0, 1.4, 0.62), ("adamw", 1, 1.6, 0.61),
+                                    ("sam", 1, 1.4, 0.65), ("sam", 2, 1.0, 0.9)]]  # seed 2 has no AdamW pair
+    row = llm_accuracy.paired_table(args, runs).splitlines()[-1]
+    # loss differences -0.1, -0.2: mean -0.15, half-width t(0.975, 1) * 0.0707 / sqrt(2) = 0.635
+    assert row.startswith("| sam | 2 | -0.15 (-0.785 .. +0.485) | +3 (")
 
 
 def test_ascent_cosine_separates_the_momentum_probe_from_the_gaussian_one(tmp_path):
