@@ -62,6 +62,8 @@ METHODS = {
     "zo_momentum_all": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "all",
                         "zo_probe_fraction": 1.0},
     "msam_all": {"sam_mode": "msam", "layer_selection": "all", "sam_rho": 0.5},
+    # Which part of the default loses SAM's flattening: the selection (gradient ascent on the selected tensors)?
+    "sl_sam_scale": {"sam_mode": "sam", "layer_selection": "bandit", "sparse_update": "scale"},
     # The radius grid of full SAM (rho 0.05 is "sam").
     "sam_rho002": {**COST_METHODS["sam"], "sam_rho": 0.02},
     "sam_rho01": {**COST_METHODS["sam"], "sam_rho": 0.1},
