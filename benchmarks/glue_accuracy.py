@@ -64,6 +64,10 @@ METHODS = {
     "msam_all": {"sam_mode": "msam", "layer_selection": "all", "sam_rho": 0.5},
     # Which part of the default loses SAM's flattening: the selection (gradient ascent on the selected tensors)?
     "sl_sam_scale": {"sam_mode": "sam", "layer_selection": "bandit", "sparse_update": "scale"},
+    # SAM's ascent gradient from a quarter of each batch (m-sharpness): a quarter of a forward and backward extra.
+    "sam_quarter": {**COST_METHODS["sam"], "sam_ascent_fraction": 0.25},
+    "sl_sam_quarter": {"sam_mode": "sam", "layer_selection": "bandit", "sparse_update": "scale",
+                       "sam_ascent_fraction": 0.25},
     # The radius grid of full SAM (rho 0.05 is "sam").
     "sam_rho002": {**COST_METHODS["sam"], "sam_rho": 0.02},
     "sam_rho01": {**COST_METHODS["sam"], "sam_rho": 0.1},

@@ -360,10 +360,13 @@ class SAMTrainerMixin:
             loss = self.compute_loss(model, dict(probe_inputs)).detach()  # a copy, as in `_first_order`
         return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
 
-    def _probe_inputs(self, inputs):
-        """The leading `zo_probe_fraction` of the micro-batch's rows."""
+    @staticmethod
+    def _leading_rows(inputs, fraction: float):
+        """The leading `fraction` of the micro-batch's rows (at least one)."""
+        if fraction == 1:
+            return inputs
         rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        keep = max(1, int(round(rows * self.args.zo_probe_fraction)))
+        keep = max(1, int(round(rows * fraction)))
         return {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
                 for k, v in inputs.items()}
 
@@ -521,12 +524,16 @@ class _MicroBatch:
         self._backup = None  # (params, their copy)
 
     def gradient(self, params):
-        grads, self.clean_loss = self.trainer._first_order(self.model, self.inputs, self.num_items_in_batch, params)
+        """The ascent gradient, on the leading sam_ascent_fraction of the rows (the clean loss only when on all)."""
+        fraction = self.trainer.args.sam_ascent_fraction
+        inputs = self.trainer._leading_rows(self.inputs, fraction)
+        grads, loss = self.trainer._first_order(self.model, inputs, self.num_items_in_batch, params)
+        self.clean_loss = loss if fraction == 1 else None
         return grads
 
     def loss(self):
         if self._probe_inputs is None:
-            self._probe_inputs = self.trainer._probe_inputs(self.inputs)
+            self._probe_inputs = self.trainer._leading_rows(self.inputs, self.trainer.args.zo_probe_fraction)
         return self.trainer._probe_loss(self.model, self._probe_inputs)
 
     def first_moment(self, params):

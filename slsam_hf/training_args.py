@@ -39,6 +39,13 @@ class SAMTrainingArguments(TrainingArguments):
         metadata={"help": "Perturbation radius rho: epsilon = rho * g / ||g||. 0 disables it: no ascent pass, the "
                           "step (and the bandit's reward, the update gradient) is that of sam_mode='none'."},
     )
+    sam_ascent_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Share of each micro-batch (leading rows) the ascent gradient g of sam_mode='sam' / 'asam' is "
+                          "computed on, in (0, 1]: the ascent costs that share of a forward and backward (SAM's "
+                          "'m-sharpness' with a smaller m). Below 1 the logged loss is the perturbed one, as in the "
+                          "zero-order modes."},
+    )
     zo_direction: str = field(
         default="momentum",
         metadata={
@@ -165,6 +172,7 @@ class SAMTrainingArguments(TrainingArguments):
                 f"{self.zo_num_directions}"
             )
         self._check_range("zo_probe_fraction", 0 < self.zo_probe_fraction <= 1, "in (0, 1]")
+        self._check_range("sam_ascent_fraction", 0 < self.sam_ascent_fraction <= 1, "in (0, 1]")
         self._check_range("selection_budget", 0 < self.selection_budget <= 1, "in (0, 1]")
         self._check_range("bandit_lr", self.bandit_lr >= 0, ">= 0")
         self._check_range(

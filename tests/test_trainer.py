@@ -79,18 +79,20 @@ def one_step_trainer(tmp_path, model, loss_source="model", **overrides):
     return trainer
 
 
+@pytest.mark.parametrize("ascent_fraction", [1.0, 0.5])
 @pytest.mark.parametrize("loss_source", LOSS_SOURCES)
 @pytest.mark.parametrize("mode", ["sam", "asam"])
-def test_first_order_update_gradient_matches_reference(tmp_path, mode, loss_source):
+def test_first_order_update_gradient_matches_reference(tmp_path, mode, loss_source, ascent_fraction):
     model = tiny_bert(dropout=0.0)
     reference = copy.deepcopy(model)
-    trainer = one_step_trainer(tmp_path, model, loss_source, sam_mode=mode)
+    trainer = one_step_trainer(tmp_path, model, loss_source, sam_mode=mode, sam_ascent_fraction=ascent_fraction)
     inputs = batch(classification_data())
     before = params_of(model)
-    trainer.training_step(model, inputs)
+    loss = trainer.training_step(model, inputs)
 
     params = list(reference.parameters())
-    _, g = loss_and_grads(reference, inputs, params, loss_source)
+    ascent_rows = {k: v[: int(4 * ascent_fraction)] for k, v in inputs.items()}  # g from the leading rows only
+    clean_loss, g = loss_and_grads(reference, ascent_rows, params, loss_source)
     with torch.no_grad():
         if mode == "sam":  # e = rho g / ||g||
             e = [0.1 * gi / torch.cat([x.flatten() for x in g]).norm() for gi in g]
@@ -99,10 +101,12 @@ def test_first_order_update_gradient_matches_reference(tmp_path, mode, loss_sour
             e = [0.1 * p.square() * gi / norm for p, gi in zip(params, g)]
         for p, ei in zip(params, e):
             p.add_(ei)
-    _, expected = loss_and_grads(reference, inputs, params, loss_source)
+    perturbed_loss, expected = loss_and_grads(reference, inputs, params, loss_source)
     for (name, p), ref in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.grad, ref, atol=1e-6, rtol=1e-6, msg=name)
         assert torch.equal(p.detach(), before[name]), f"{name} not restored exactly"
+    # The logged loss: at theta when the ascent saw the whole batch, else the perturbed one.
+    torch.testing.assert_close(loss, (clean_loss if ascent_fraction == 1 else perturbed_loss).detach())
 
 
 @pytest.mark.parametrize("loss_source", LOSS_SOURCES)

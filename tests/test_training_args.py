@@ -54,6 +54,7 @@ def test_command_line_flags():
     ("sam_mode", "adam", "none"), ("layer_selection", "top", "bandit"), ("arm_granularity", "layer", "block"),
     ("bandit_reward", "max", "normalized"), ("sam_rho", -0.1, ">= 0"), ("zo_eps", 0.0, "> 0"),
     ("zo_num_directions", 0, ">= 1"), ("zo_probe_fraction", 0.0, "(0, 1]"), ("zo_probe_fraction", 1.5, "(0, 1]"),
+    ("sam_ascent_fraction", 0.0, "(0, 1]"), ("sam_ascent_fraction", 1.5, "(0, 1]"),
     ("selection_budget", 0.0, "(0, 1]"), ("selection_budget", 1.2, "(0, 1]"), ("bandit_lr", -1.0, ">= 0"),
     ("bandit_min_prob", 0.0, "selection_budget"), ("bandit_min_prob", 0.5, "selection_budget"),
     ("sam_cosine_log_steps", -1, ">= 0"), ("sam_mode", "msam2", "msam"), ("zo_direction", "prior", "momentum"),
