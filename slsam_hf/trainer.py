@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
+from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -95,11 +96,7 @@ class SAMTrainerMixin:
                 min_prob=args.bandit_min_prob, seed=args.seed, arm_sizes=[arm.numel for arm in self.arms],
             )
         self.history = SelectionHistory([arm.name for arm in self.arms])
-        named = [zip(arm.param_names, arm.params) for arm in self.arms]
-        named.append(zip(self.always_selected.param_names, self.always_selected.params))
-        self._trainable = {name: p for pairs in named for name, p in pairs}
-        self._trainable_numel = sum(p.numel() for p in self._trainable.values())
-        self._names = {p: name for name, p in self._trainable.items()}
+        self._index_trainable()
         # sam_rho=0 moves nothing: no ascent pass at all, so the step (and the bandit's rewards: the update gradient)
         # is sam_mode='none'.
         self.ascent = None if args.sam_rho == 0 else ascent_direction(args.sam_mode, args.zo_direction,
@@ -118,15 +115,51 @@ class SAMTrainerMixin:
         self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
         self._window = self._empty_window()
 
+    def _index_trainable(self):
+        """Name <-> tensor maps of every trainable tensor (arms and always-selected), and their element count."""
+        named = [zip(arm.param_names, arm.params) for arm in self.arms]
+        named.append(zip(self.always_selected.param_names, self.always_selected.params))
+        self._trainable = {name: p for pairs in named for name, p in pairs}
+        self._trainable_numel = sum(p.numel() for p in self._trainable.values())
+        self._names = {p: name for name, p in self._trainable.items()}
+        self._sharded = False  # whether the maps follow FSDP2's sharded parameters (`_follow_sharded_parameters`)
+
+    def _follow_sharded_parameters(self):
+        """FSDP2: accelerate's prepare replaced every parameter by a sharded DTensor; the arms, the always-selected
+        tensors and the maps follow the model's parameters again, by name (once per `train()`, before the first step
+        or a resume, while every arm requires grad).
+
+        FSDP2 also fixes, lazily at the first forward, each parameter group's gradient dtype from the tensors that
+        require grad then: a group whose arms were all frozen in that forward would later reduce-scatter in the
+        compute dtype (bf16) and fail to store the gradient of an fp32 shard. It is initialised here instead, with
+        every arm on (a no-op once a forward ran)."""
+        self._gather_afresh(self.model)  # every module holds its sharded parameters
+        self.model._get_fsdp_state()._lazy_init()
+        current = dict(self.model.named_parameters())
+        for group in [*self.arms, self.always_selected]:
+            group.params = [current[name] for name in group.param_names]
+        self._index_trainable()
+        self._sharded = True
+
+    def _gather_afresh(self, model):
+        """FSDP2: free every unsharded parameter copy, so the next forward gathers the shards as they are now (with
+        their requires_grad). A group that keeps its copy after forward (the root's, `reshard_after_forward=False`)
+        would otherwise run the next forward on weights from before a perturbation or a probe."""
+        if self.is_fsdp_enabled:
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     def _check_supported(self):
         args = self.args
         if self.is_deepspeed_enabled:
             raise ValueError("SAMTrainer does not support DeepSpeed yet; use DDP (accelerate_configs/multi_gpu.yaml).")
-        if self.is_fsdp_enabled and (args.sam_mode != "none" or args.layer_selection != "all"):
+        plain = args.sam_mode == "none" and args.layer_selection == "all"
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2 and not plain:
             raise ValueError(
-                "SAMTrainer supports FSDP only with sam_mode='none' and layer_selection='all' (plain training): "
-                "sharded weights cannot be perturbed or frozen per step here. Use DDP (accelerate_configs/"
-                "multi_gpu.yaml) for SAM modes and layer selection."
+                "SAMTrainer supports FSDP1 only with sam_mode='none' and layer_selection='all' (plain training): its "
+                "flattened parameters cannot be perturbed or frozen per tensor. Use FSDP2 (fsdp_version: 2 in the "
+                "accelerate config, accelerate_configs/fsdp.yaml) or DDP (accelerate_configs/multi_gpu.yaml)."
             )
         if args.n_gpu > 1:
             raise ValueError(
@@ -196,7 +229,7 @@ class SAMTrainerMixin:
         scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
         with torch.no_grad():
             torch._foreach_lerp_(before, params, [float(scale[k]) for k, _, _ in self._arm_params])
-            torch._foreach_copy_(params, before)
+            restore(params, before)
         self._before_step = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -210,11 +243,13 @@ class SAMTrainerMixin:
                 # Frozen only while this micro-batch's passes run: callbacks, evaluation, checkpoints and the
                 # optimizer step outside it see every flag on (the unselected tensors' .grad stays None).
                 self._set_requires_grad(self._selected)
+            self._gather_afresh(model)
             if perturbing:
                 params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
                 if direction is not None:
                     backup, skipped = self._perturb(params, direction)
                 del direction
+                self._gather_afresh(model)
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
             # Whoever catches this (auto_find_batch_size restarts the loop on out-of-memory) gets the next call
@@ -279,6 +314,8 @@ class SAMTrainerMixin:
         run)."""
         self._step_started = self.state.global_step
         self._micro_step = 0
+        if self.is_fsdp_enabled and not self._sharded:
+            self._follow_sharded_parameters()
         if self.selector is None:
             self._selected = np.arange(len(self.arms))
         else:
@@ -341,21 +378,41 @@ class SAMTrainerMixin:
         return params, direction, source.clean_loss
 
     def _first_order(self, model, inputs, num_items_in_batch, params):
-        """Train-mode loss at theta and its gradient on `params` (per process, under no_sync; .grad untouched)."""
+        """Train-mode loss at theta and its gradient on `params`, .grad untouched: per process under DDP (no_sync);
+        averaged over processes under FSDP2, where all share one theta (`_sharded_gradient`)."""
         model.train()
-        with self.accelerator.no_sync(model), self._off_the_record():
+        sharded = self.is_fsdp_enabled
+        with contextlib.nullcontext() if sharded else self.accelerator.no_sync(model), self._off_the_record():
             with self.compute_loss_context_manager():
                 # A copy: stock compute_loss pops "labels" (label smoothing, compute_loss_func); the update pass
                 # still needs them.
                 loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
             loss = self._scale_for_accumulation(loss, num_items_in_batch)
             scaler = self.accelerator.scaler
-            grads = first_order_direction(scaler.scale(loss) if scaler is not None else loss, params)
+            scaled = scaler.scale(loss) if scaler is not None else loss
+            grads = self._sharded_gradient(model, scaled, params) if sharded else first_order_direction(scaled, params)
         return grads, loss.detach()
+
+    def _sharded_gradient(self, model, loss, params):
+        """FSDP2: d loss / d params averaged over processes, each process holding its shard, from a backward into .grad
+        with FSDP's own reduce-scatter. The gradient accumulated by earlier micro-batches is set aside meanwhile, and
+        gradient sync stays on for this micro-batch (no unsharded gradient waits inside FSDP across the ascent pass;
+        the trainer's no_sync turns it back on after the micro-batch anyway)."""
+        kept = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        model.set_requires_gradient_sync(True)
+        try:
+            loss.backward()
+            return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        finally:
+            for p, g in zip(self._params, kept):
+                p.grad = g
 
     def _probe_loss(self, model, probe_inputs):
         """A zero-order probe: the no-grad loss with dropout off, averaged over processes."""
         model.eval()
+        self._gather_afresh(model)  # the probe moved the shards since the last forward
         with self._off_the_record(), torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, dict(probe_inputs)).detach()  # a copy, as in `_first_order`
         return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
@@ -492,6 +549,8 @@ class SAMTrainerMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        if self.is_fsdp_enabled and not self._sharded:
+            self._follow_sharded_parameters()
         if not has_sam_state(checkpoint):
             logger.warning(
                 f"{checkpoint} has no SAM state (written by a stock Trainer?): resuming with a fresh selector "
