@@ -84,10 +84,20 @@ def gaussian_like(param: torch.Tensor, generators: dict, seed: int) -> torch.Ten
     every element once)."""
     if param.device not in generators:
         generators[param.device] = torch.Generator(param.device).manual_seed(seed)
-    u = torch.randn(param.shape, generator=generators[param.device], device=param.device, dtype=param.dtype)
-    if isinstance(param, DTensor):
-        u = distribute_tensor(u, param.device_mesh, param.placements, src_data_rank=None)
-    return u
+    return like(param, torch.randn(param.shape, generator=generators[param.device], device=param.device,
+                                   dtype=param.dtype))
+
+
+def like(param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t`, a whole tensor shaped like `param` or, for a DTensor, possibly its local shard, laid out as `param`: a
+    DTensor takes its local chunk of a whole tensor (no communication) or wraps its shard (a shard shaped like the
+    whole tensor is that chunk, so both readings agree)."""
+    t = t.to(param.device)
+    if not isinstance(param, DTensor):
+        return t
+    if t.shape == param.shape:
+        return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
+    return DTensor.from_local(t, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,14 @@ from .ascent import (
     cosine_similarity,
     first_moment,
     first_order_direction,
+    full,
     grad_norm,
+    like,
     perturb,
     restore,
     tensor_norms,
 )
-from .checkpoint import has_sam_state, load_sam_state, save_sam_state
+from .checkpoint import has_sam_state, load_sam_state, optimizer_state_names, save_lookback, save_sam_state
 from .history import SelectionHistory
 from .selection import LayerBandit, UniformSelector
 from .training_args import SAMTrainingArguments
@@ -210,7 +212,10 @@ class SAMTrainerMixin:
     def _before_optimizer_step(self, optimizer, args, kwargs):
         """Drops the loss scaler's placeholder gradient (`_end_step`). 'momentum': unselected tensors with optimizer
         state get a zero gradient (the base optimizer moves them along its first moment). 'scale': keep theta of the
-        selected arms, for `_after_optimizer_step`."""
+        selected arms, for `_after_optimizer_step`. Neither hook acts on a step taken outside a SAM step (resuming
+        under FSDP2, torch.distributed.checkpoint initialises the optimizer state with a step at learning rate 0)."""
+        if self._step_started is None:
+            return
         if self._scaler_placeholder is not None:
             self._scaler_placeholder.grad = None
             self._scaler_placeholder = None
@@ -225,6 +230,8 @@ class SAMTrainerMixin:
     def _after_optimizer_step(self, optimizer, args, kwargs):
         """'scale': theta <- theta_before + k_i * (theta - theta_before), k_i = min(1 / p_i, sparse_update_max_scale)
         with p_i the probability arm i was drawn with; the always-selected tensors are not scaled."""
+        if self._step_started is None:
+            return
         params, before = self._before_step
         scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
         with torch.no_grad():
@@ -534,32 +541,52 @@ class SAMTrainerMixin:
             self._build_selection()
 
     def _save_checkpoint(self, model, trial):
+        """Stock checkpoint plus the SAM state. The lookback gradients follow FSDP2's state dict type: whole tensors
+        (FULL_STATE_DICT, gathered on every process, written by the main one) or each process's shards
+        (SHARDED_STATE_DICT, one file per process)."""
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
-            arm_names = [arm.name for arm in self.arms]
-            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback, self._held,
-                           self._selection_options())
-        if self.selector is not None:
+            sharded = self.is_fsdp_enabled and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            lookback = {name: g.to_local() if sharded else full(g) for name, g in self._lookback.items()}
+            if sharded:
+                save_lookback(folder, lookback, (self.args.process_index, self.args.world_size))
+            if self.args.should_save:
+                stateful = [name for name, p in self._trainable.items() if p in self.optimizer.state]
+                save_sam_state(folder, [arm.name for arm in self.arms], self.selector, self.history,
+                               {} if sharded else lookback, self._held, self._selection_options(), stateful)
+        if self.selector is not None and self.args.should_save:
             self.history.save(self.args.output_dir, heatmap=False)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        """Stock loading, then the SAM state. Under FSDP2, torch.distributed.checkpoint refuses a trainable tensor
+        without saved optimizer state (an arm never drawn before the checkpoint): such tensors are frozen while the
+        optimizer state loads, and stay without state, as in the run that wrote it."""
+        stateless = []
+        if checkpoint is not None and self.is_fsdp_enabled:
+            if not self._sharded:
+                self._follow_sharded_parameters()
+            with_state = optimizer_state_names(checkpoint)
+            stateless = [p for name, p in self._trainable.items() if with_state is not None and name not in with_state]
+        for p in stateless:
+            p.requires_grad_(False)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            for p in stateless:
+                p.requires_grad_(True)
         if checkpoint is None:
             return
-        if self.is_fsdp_enabled and not self._sharded:
-            self._follow_sharded_parameters()
         if not has_sam_state(checkpoint):
             logger.warning(
                 f"{checkpoint} has no SAM state (written by a stock Trainer?): resuming with a fresh selector "
                 "and lookback buffer."
             )
             return
+        shard = (self.args.process_index, self.args.world_size) if self.is_fsdp_enabled else None
         lookback, self._held = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector,
-                                              self.history, set(self._trainable), self._selection_options())
-        self._lookback = {name: g.to(self._trainable[name].device) for name, g in lookback.items()}
+                                              self.history, set(self._trainable), self._selection_options(), shard)
+        self._lookback = {name: like(self._trainable[name], g) for name, g in lookback.items()}
 
     def _selection_options(self):
         """The options a checkpoint's selector state holds for: a resume must use the same."""

@@ -61,7 +61,7 @@ def digest(tensors):
     """sha256 of the tensors' bytes (a DTensor's full tensor): equal digests mean bit-identical tensors."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(full(t.detach()).cpu().contiguous().numpy().tobytes())
+        h.update(full(t.detach()).cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -175,10 +175,11 @@ def rho_zero_trainer(output_dir, lora, batch_size, accumulation):
 
 def combination_trainer(output_dir, mode, selection, lora, accumulation, trainer_class=RecordingSAMTrainer, rows=4,
                         dropout=0.1, **overrides):
-    """The trainer of one COMBINATIONS scenario: tiny BERT, 3 steps of `rows` rows per process."""
-    args = sam_args(output_dir, **options(mode), layer_selection=selection, max_steps=3,
-                    gradient_accumulation_steps=accumulation, per_device_train_batch_size=rows // accumulation,
-                    **overrides)
+    """The trainer of one COMBINATIONS scenario: tiny BERT, 3 steps (unless `overrides` says otherwise) of `rows` rows
+    per process."""
+    settings = dict(options(mode), layer_selection=selection, max_steps=3, gradient_accumulation_steps=accumulation,
+                    per_device_train_batch_size=rows // accumulation)
+    args = sam_args(output_dir, **{**settings, **overrides})
     return trainer_class(model=bert(lora, dropout), args=args, train_dataset=classification_data())
 
 
