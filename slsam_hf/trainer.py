@@ -7,6 +7,8 @@ Per optimizer step t (DESIGN section 2):
   3. theta <- theta + rho * g / ||g||, stock `Trainer.training_step` (forward + backward on S_t), theta restored;
   4. after the last micro-batch, the bandit learns from the gradient norms; the stock loop clips and steps, with
      the `sparse_update` rule applied around the base optimizer's step (optimizer step hooks).
+Under FSDP2 the parameters are sharded DTensors: every update above acts on the local shards, and every norm is a
+reduction over them (ascent.py).
 """
 
 import contextlib
@@ -135,9 +137,10 @@ class SAMTrainerMixin:
         require grad then: a group whose arms were all frozen in that forward would later reduce-scatter in the
         compute dtype (bf16) and fail to store the gradient of an fp32 shard. It is initialised here instead, with
         every arm on (a no-op once a forward ran)."""
-        self._gather_afresh(self.model)  # every module holds its sharded parameters
-        self.model._get_fsdp_state()._lazy_init()
-        current = dict(self.model.named_parameters())
+        model = self.accelerator.unwrap_model(self.model)  # the FSDP2 root, under torch.compile too
+        self._gather_afresh(model)  # every module holds its sharded parameters
+        model._get_fsdp_state()._lazy_init()
+        current = dict(model.named_parameters())
         for group in [*self.arms, self.always_selected]:
             group.params = [current[name] for name in group.param_names]
         self._index_trainable()
@@ -250,13 +253,13 @@ class SAMTrainerMixin:
                 # Frozen only while this micro-batch's passes run: callbacks, evaluation, checkpoints and the
                 # optimizer step outside it see every flag on (the unselected tensors' .grad stays None).
                 self._set_requires_grad(self._selected)
-            self._gather_afresh(model)
+            self._gather_afresh(model)  # FSDP2: the next forward gathers the shards with these flags
             if perturbing:
                 params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
                 if direction is not None:
                     backup, skipped = self._perturb(params, direction)
                 del direction
-                self._gather_afresh(model)
+                self._gather_afresh(model)  # ... and at theta + epsilon
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
             # Whoever catches this (auto_find_batch_size restarts the loop on out-of-memory) gets the next call
@@ -355,7 +358,7 @@ class SAMTrainerMixin:
             if not first_order:
                 self._rewards = self._arm_norms(norms)
             rewards = self._rewards
-            if self.accelerator.num_processes > 1:
+            if self.accelerator.num_processes > 1 and not self.is_fsdp_enabled:  # FSDP2's norms are global already
                 rewards = self.accelerator.reduce(torch.as_tensor(rewards, device=self.args.device), "mean")
                 rewards = rewards.cpu().numpy()
             if not self.selector.update(self._selected, rewards):

@@ -1,13 +1,6 @@
 """Worker of tests/test_fsdp.py: the 2-process CPU launch of distributed_worker.py (gloo, accelerate_configs/
-cpu_2proc.yaml) with accelerate's FSDP2 path on (`fully_shard` over a CPU mesh), writing the same records per scenario
-and rank.
-
-accelerate turns FSDP on only for accelerator devices: on CPU processes (use_cpu) it builds a MULTI_CPU state and
-ignores the FSDP plugin, and without use_cpu a machine with no GPU joins no process group at all. `FSDPOnCPU` is the
-one test-only change: it marks the joined CPU state as a multi-device one just before the trainer builds its
-Accelerator, which then takes the plugin as under `accelerate launch --config_file accelerate_configs/fsdp.yaml` on
-GPUs; everything after that (fsdp2_prepare_model, no_sync, clipping, state dicts) is accelerate's and transformers' own
-code.
+cpu_2proc.yaml) with accelerate's FSDP2 path on (`fully_shard` over a CPU mesh, through the test-only `FSDPOnCPU`),
+writing the same records per scenario and rank.
 """
 
 import sys
@@ -16,8 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from accelerate.state import PartialState  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
 from conftest import classification_data, sam_args  # noqa: E402
 from distributed_worker import (  # noqa: E402
     MODES,
@@ -30,6 +21,7 @@ from distributed_worker import (  # noqa: E402
     save,
     train_and_save,
 )
+from fsdp_on_cpu import FSDPOnCPU  # noqa: E402
 
 from slsam_hf.ascent import full  # noqa: E402
 
@@ -56,14 +48,6 @@ RESUMED = [("lookback", "FULL_STATE_DICT"), ("lookback", "SHARDED_STATE_DICT"), 
 # reduce-scatters gradients in fp32; otherwise the weights themselves are bf16. Each step perturbs (and probes) and
 # restores, so the weights must end as they began, bit for bit.
 BF16 = [("sam", True), ("zo_gaussian", True), ("zo_gaussian", False)]
-
-
-class FSDPOnCPU:
-    """Test-only: lets accelerate enable FSDP on CPU processes joined over gloo (see the module docstring)."""
-
-    def create_accelerator_and_postprocess(self):
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-        super().create_accelerator_and_postprocess()
 
 
 class FSDPRecordingTrainer(FSDPOnCPU, RecordingSAMTrainer):
