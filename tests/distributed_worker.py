@@ -196,7 +196,7 @@ def save(folder, trainer, initial, tensors=None):
         "wrapper": type(trainer.model_wrapped).__name__,
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "num_arms": len(trainer.arms),
-        "steps": trainer.steps,
+        "steps": getattr(trainer, "steps", None),  # RecordingSAMTrainer's
         "logs": [log for log in trainer.state.log_history if "loss" in log],
         "probabilities": None if trainer.selector is None else trainer.selector.probabilities.tolist(),
         # share of the parameters' elements this process holds: 1 under DDP, about 1 / world size under FSDP2

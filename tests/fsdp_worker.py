@@ -22,6 +22,8 @@ from distributed_worker import (  # noqa: E402
     train_and_save,
 )
 from fsdp_on_cpu import FSDPOnCPU  # noqa: E402
+from test_trl import SAMSFTTrainer  # noqa: E402
+from test_trl import run as train_sft  # noqa: E402
 
 from slsam_hf.ascent import full  # noqa: E402
 
@@ -51,6 +53,10 @@ BF16 = [("sam", True), ("zo_gaussian", True), ("zo_gaussian", False)]
 
 
 class FSDPRecordingTrainer(FSDPOnCPU, RecordingSAMTrainer):
+    pass
+
+
+class FSDPSAMSFTTrainer(FSDPOnCPU, SAMSFTTrainer):
     pass
 
 
@@ -90,6 +96,15 @@ def bf16_trainer(output_dir, mode, mixed):
     return FSDPRecordingTrainer(model=model, args=args, train_dataset=classification_data())
 
 
+def sft_under_ddp_and_fsdp(folder):
+    """The mixin on TRL's SFTTrainer (tiny Llama with tied embeddings, the default step) under DDP, then FSDP2 (blocks
+    sharded by accelerate's default policy): saves the FSDP2 run's records and the DDP run's weights as `ddp.*`."""
+    ddp = train_sft(SAMSFTTrainer, folder / "ddp")
+    tensors = {f"ddp.{n}": p.detach().clone() for n, p in ddp.model.named_parameters()}
+    sharded = train_sft(FSDPSAMSFTTrainer, folder / "fsdp", fsdp=True, fsdp_config={"version": 2})
+    save(folder, sharded, {}, tensors)
+
+
 def main(output_dir):
     out = Path(output_dir)
     for combination in COMBINATIONS:
@@ -101,6 +116,7 @@ def main(output_dir):
     for mode, mixed in BF16:
         folder = out / bf16_tag(mode, mixed)
         train_and_save(folder, bf16_trainer(folder / "trainer", mode, mixed))
+    sft_under_ddp_and_fsdp(out / "sft")
 
 
 if __name__ == "__main__":

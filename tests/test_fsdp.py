@@ -1,13 +1,13 @@
 """SAMTrainer under FSDP2: one 2-process CPU launch (gloo) runs tests/fsdp_worker.py over every sam_mode x
 layer_selection, full and LoRA. Each run must keep the ranks consistent and end with the weights of the same run under
 DDP (tests/distributed_worker.py, `launched`); SAM and ASAM, whose ascent FSDP2 averages over processes, with those of
-one process on the global batch. Runs resumed from full and sharded checkpoints end as uninterrupted ones, and bf16
-perturbations leave no trace."""
+one process on the global batch. Runs resumed from full and sharded checkpoints end as uninterrupted ones, bf16
+perturbations leave no trace, and the mixin on TRL's SFTTrainer (a tiny Llama) ends as under DDP."""
 
 import fsdp_worker as worker
 import pytest
 import torch
-from conftest import TESTS, launch
+from conftest import TESTS, launch, tiny_llama
 from distributed_worker import combination_trainer, options
 from test_distributed import group, ranks
 
@@ -93,3 +93,17 @@ def test_bf16_perturbations_and_probes_restore_the_weights_bit_for_bit(sharded, 
     if mode == "sam":
         assert all(log["perturbation_skipped"] == 0 for log in r0["logs"])
         assert any(log["sharpness"] != 0 for log in r0["logs"])  # bf16 losses can round to the same value
+
+
+def test_the_mixin_on_trls_sft_trainer_equals_its_ddp_run(sharded):
+    """SAMTrainerMixin on another Trainer (TRL's SFTTrainer), a tiny Llama with tied embeddings (accelerate shards
+    the decoder layers and puts the embeddings with the final norm), the default step."""
+    (r0, t0), (r1, _) = ranks(sharded, "sft")
+    assert r0["distributed_type"] == "DistributedType.FSDP" and r0["local_share"] < 0.6
+    assert r0["logs"] == r1["logs"] and all("loss_perturbed" in log for log in r0["logs"])
+    final, ddp = group(t0, "final"), group(t0, "ddp")
+    initial = dict(tiny_llama().named_parameters())
+    assert final.keys() == ddp.keys() == initial.keys()
+    assert any(not torch.equal(final[n], initial[n]) for n in final), "training moved nothing"
+    for name in final:
+        torch.testing.assert_close(final[name], ddp[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
