@@ -109,7 +109,7 @@ def main(output_dir):
     out = Path(output_dir)
     for combination in COMBINATIONS:
         folder = out / combination_tag(*combination)
-        settings = GLOBAL_BATCH if combination[0] in ("sam", "asam") else {}
+        settings = GLOBAL_BATCH if options(combination[0])["sam_mode"] in ("sam", "asam") else {}
         train_and_save(folder, fsdp_trainer(folder / "trainer", combination, **settings))
     for mode, state_dict_type in RESUMED:
         train_and_resume(out / resumed_tag(mode, state_dict_type), mode, state_dict_type)
