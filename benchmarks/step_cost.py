@@ -8,6 +8,10 @@ shared machine cancel; the summary gives the median and the range over rounds. P
 (on_step_begin -> on_step_end, warm-up steps dropped) / AdamW's, peak memory / AdamW's, the trainer's logged
 active_param_ratio, forward passes with and without grad and backward passes per step counted with hooks, and the
 share of transformer blocks that backward reaches. Writes <output_dir>/<tag>.json and <tag>.png.
+
+With --fsdp every method runs on 2 processes, under DDP and under FSDP2 ('<method>/fsdp'), and FSDP2 is compared with
+the same round's DDP run of the method. Without 2 GPUs the processes run on the CPU over gloo, where the test-only
+tests/fsdp_on_cpu.py lets accelerate take the FSDP plugin.
 """
 
 import json
@@ -32,9 +36,11 @@ from transformers import (
 )
 
 from slsam_hf import SAMTrainer, SAMTrainingArguments
+from slsam_hf.ascent import local
 from slsam_hf.assets import MINILM, SMOLLM2, resolve_model
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "data"
 
 # The first build's step (Gaussian probe; unselected tensors frozen), spelled out so that the methods below keep their
 # meaning when the defaults of SAMTrainingArguments move.
@@ -58,10 +64,15 @@ METHODS = {
     "sl_msam": {"sam_mode": "msam", "layer_selection": "bandit", "sparse_update": "scale", "sam_rho": 0.5},
 }
 
+# fsdp_layer: the block FSDP2 shards as one unit (for BERT, accelerate's default also wraps the embeddings and then
+# fails to shard the word embeddings a second time).
 MODELS = {
-    "minilm": {"name": MINILM, "task": "classification", "batch_size": 32, "seq_length": 128, "lora": False},
-    "smollm2-lora": {"name": SMOLLM2, "task": "causal", "batch_size": 4, "seq_length": 256, "lora": True},
-    "smollm2-full": {"name": SMOLLM2, "task": "causal", "batch_size": 4, "seq_length": 256, "lora": False},
+    "minilm": {"name": MINILM, "task": "classification", "batch_size": 32, "seq_length": 128, "lora": False,
+               "fsdp_layer": "BertLayer"},
+    "smollm2-lora": {"name": SMOLLM2, "task": "causal", "batch_size": 4, "seq_length": 256, "lora": True,
+                     "fsdp_layer": "LlamaDecoderLayer"},
+    "smollm2-full": {"name": SMOLLM2, "task": "causal", "batch_size": 4, "seq_length": 256, "lora": False,
+                     "fsdp_layer": "LlamaDecoderLayer"},
 }
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -134,6 +145,11 @@ class StepCostArguments:
                           "a machine shared with other jobs."},
     )
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (on a GPU)."})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Run every method on 2 processes, under DDP and under FSDP2 ('<method>/fsdp'); time ratios "
+                          "are to the same round's DDP AdamW run, and 'vs DDP' to the same method's DDP run."},
+    )
     random_init: bool = field(
         default=False,
         metadata={"help": "Build each model from its config with random weights (step cost depends on shapes only)."},
@@ -289,38 +305,53 @@ def peak_memory(cuda: bool) -> int:
 # ------------------------------------------------------------------------------------------------- one run
 
 
+def trainer_class(backend: str, cuda: bool) -> type:
+    """SAMTrainer, or under FSDP2 on CPU processes the test-only subclass that lets accelerate take the FSDP plugin."""
+    if backend != "fsdp" or cuda:
+        return SAMTrainer
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fsdp_on_cpu import FSDPOnCPU
+
+    return type("CPUFSDPSAMTrainer", (FSDPOnCPU, SAMTrainer), {})
+
+
 def measure(args: StepCostArguments, model_key: str, method: str) -> dict:
-    """Train `warmup_steps + steps` optimizer steps of one (model, method) and return its cost record."""
+    """Train `warmup_steps + steps` optimizer steps of one (model, method) and return its cost record; `method` may
+    end in '/fsdp' (FSDP2; else DDP when launched on several processes)."""
     spec = MODELS[model_key]
     cuda = torch.cuda.is_available()
     if args.threads:
         torch.set_num_threads(args.threads)
+    base, _, backend = method.partition("/")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     batch_size = args.batch_size or spec["batch_size"]
     seq_length = args.seq_length or spec["seq_length"]
     total_steps = args.warmup_steps + args.steps
     model, tokenizer = load_model(model_key, args.random_init)
-    dataset = packed_dataset(tokenizer, spec["task"], batch_size * total_steps, seq_length)
+    dataset = packed_dataset(tokenizer, spec["task"], batch_size * total_steps * processes, seq_length)
     probe = StepProbe(model, args.warmup_steps, cuda)
+    fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": [spec["fsdp_layer"]]}}
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = SAMTrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=total_steps,
             learning_rate=2e-5, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, seed=0, use_cpu=not cuda, bf16=args.bf16,
-            **method_options(args, method),
+            **method_options(args, base), **(fsdp if backend == "fsdp" else {}),
         )
-        trainer = SAMTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[probe])
+        trainer = trainer_class(backend, cuda)(model=model, args=training_args, train_dataset=dataset,
+                                               callbacks=[probe])
         baseline = memory_in_use(cuda)
         reset_peak_memory(cuda)
         trainer.train()
         peak = peak_memory(cuda) - baseline
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if torch.is_tensor(t))
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()  # this process's shards
+                      for t in local([t for t in s.values() if torch.is_tensor(t)]))
     logs = [log for log in trainer.state.log_history if "active_param_ratio" in log and log["step"] > args.warmup_steps]
     steps = probe.steps
     return {
         "model": model_key, "method": method, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "threads": torch.get_num_threads(), "batch_size": batch_size, "seq_length": seq_length,
+        "processes": processes, "threads": torch.get_num_threads(), "batch_size": batch_size, "seq_length": seq_length,
         "step_seconds": [s["seconds"] for s in steps],
         "seconds": float(np.median([s["seconds"] for s in steps])),
         "cpu_seconds": float(np.median([s["cpu_seconds"] for s in steps])),
@@ -339,10 +370,18 @@ def measure(args: StepCostArguments, model_key: str, method: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def run_subprocess(argv: list[str], model_key: str, method: str, round_index: int) -> dict:
-    """Run `measure` in a fresh Python process (with the driver's options `argv`) and return its record."""
+def two_process_launcher(bf16: bool) -> list[str]:
+    """`accelerate launch` of 2 processes: one per GPU with 2 GPUs, else on the CPU over gloo."""
+    config = "multi_gpu.yaml" if torch.cuda.device_count() >= 2 else "cpu_2proc.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+            "--num_processes", "2", "--mixed_precision", "bf16" if bf16 else "no"]
+
+
+def run_subprocess(argv: list[str], model_key: str, method: str, round_index: int, launcher: list[str]) -> dict:
+    """Run `measure` in fresh Python processes (`launcher` + this script, with the driver's options `argv`) and return
+    the record of the first."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, os.path.abspath(__file__), *argv,
+        command = [*(launcher or [sys.executable]), os.path.abspath(__file__), *argv,
                    "--worker", f"{model_key}:{method}", "--worker_output", out.name]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -352,8 +391,15 @@ def run_subprocess(argv: list[str], model_key: str, method: str, round_index: in
     return record
 
 
+def ratio_over_rounds(runs: list[dict], baseline: dict, key: str) -> tuple:
+    """(median, [min, max]) over rounds of run[key] / the same round's baseline[key]; (None, None) without baselines."""
+    ratios = [r[key] / baseline[r["round"]][key] for r in runs if r["round"] in baseline]
+    return (float(np.median(ratios)), [min(ratios), max(ratios)]) if ratios else (None, None)
+
+
 def summarize(records: list[dict], models: list[str], methods: list[str]) -> list[dict]:
-    """Per (model, method): medians over rounds, and time / memory as ratios to the same round's AdamW run."""
+    """Per (model, method): medians over rounds, and time / memory as ratios to the same round's AdamW run (for an
+    FSDP2 run '<method>/fsdp', to the DDP AdamW run, and time also to the same round's DDP run of <method>)."""
     rows = []
     for model_key in models:
         runs = [r for r in records if r["model"] == model_key]
@@ -370,31 +416,34 @@ def summarize(records: list[dict], models: list[str], methods: list[str]) -> lis
             row["seconds_range"] = [min(r["seconds"] for r in mine), max(r["seconds"] for r in mine)]
             for key, name in (("seconds", "time_ratio"), ("cpu_seconds", "cpu_time_ratio"),
                               ("peak_memory_mb", "memory_ratio")):
-                ratios = [r[key] / adamw[r["round"]][key] for r in mine if r["round"] in adamw]
-                row[name] = float(np.median(ratios)) if ratios else None
-                row[name + "_range"] = [min(ratios), max(ratios)] if ratios else None
+                row[name], row[name + "_range"] = ratio_over_rounds(mine, adamw, key)
+            if method.endswith("/fsdp"):
+                ddp = {r["round"]: r for r in runs if r["method"] == method.partition("/")[0]}
+                for key, name in (("seconds", "ddp_time_ratio"), ("cpu_seconds", "ddp_cpu_time_ratio")):
+                    row[name], row[name + "_range"] = ratio_over_rounds(mine, ddp, key)
             rows.append(row)
     return rows
 
 
 def ratio_text(row: dict, name: str) -> str:
-    """'1.23x (1.10-1.31)': the median ratio to AdamW and its range over rounds; '-' without AdamW runs."""
-    if row[name] is None:
+    """'1.23x (1.10-1.31)': the median ratio and its range over rounds; '-' without the runs to compare with."""
+    if row.get(name) is None:
         return "-"
     return "{:.2f}x ({:.2f}-{:.2f})".format(row[name], *row[name + "_range"])
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'model':13} {'method':12} {'step s':>7} {'time/AdamW':>19} {'CPU time/AdamW':>19} {'peak MB':>8} "
-              f"{'mem/AdamW':>9} {'active':>7} {'F0':>4} {'F':>4} {'B':>4} {'B depth':>7}")
+    header = (f"{'model':13} {'method':28} {'step s':>7} {'time/AdamW':>19} {'CPU time/AdamW':>19} {'peak MB':>8} "
+              f"{'mem/AdamW':>9} {'active':>7} {'F0':>4} {'F':>4} {'B':>4} {'B depth':>7} {'time/DDP':>19} "
+              f"{'CPU time/DDP':>19}")
     lines = [header, "-" * len(header)]
     for r in rows:
         memory = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "-"
         lines.append(
-            f"{r['model']:13} {r['method']:12} {r['seconds']:7.3f} {ratio_text(r, 'time_ratio'):>19} "
+            f"{r['model']:13} {r['method']:28} {r['seconds']:7.3f} {ratio_text(r, 'time_ratio'):>19} "
             f"{ratio_text(r, 'cpu_time_ratio'):>19} {r['peak_memory_mb']:8.0f} {memory:>9} "
             f"{r['active_param_ratio']:7.1%} {r['forward_nograd']:4.1f} {r['forward_grad']:4.1f} {r['backward']:4.1f} "
-            f"{r['backward_depth']:7.0%}"
+            f"{r['backward_depth']:7.0%} {ratio_text(r, 'ddp_time_ratio'):>19} {ratio_text(r, 'ddp_cpu_time_ratio'):>19}"
         )
     return "\n".join(lines)
 
@@ -424,9 +473,9 @@ def plot(rows: list[dict], models: list[str], path: str) -> None:
     plt.close(fig)
 
 
-def save(args: StepCostArguments, records: list[dict], seconds: float) -> list[dict]:
+def save(args: StepCostArguments, records: list[dict], methods: list[str], seconds: float) -> list[dict]:
     """Write <tag>.json (and <tag>.png once AdamW ran) from the records so far; returns the summary rows."""
-    rows = summarize(records, args.models, args.methods)
+    rows = summarize(records, args.models, methods)
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, args.tag)
     result = {"arguments": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
@@ -443,17 +492,21 @@ def main(argv: list[str] | None = None):
     (args,) = HfArgumentParser(StepCostArguments).parse_args_into_dataclasses(args=argv)
     if args.worker:
         model_key, method = args.worker.split(":")
-        Path(args.worker_output).write_text(json.dumps(measure(args, model_key, method)))
+        record = measure(args, model_key, method)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.worker_output).write_text(json.dumps(record))
         return
+    methods = [m + backend for m in args.methods for backend in (("", "/fsdp") if args.fsdp else ("",))]
+    launcher = two_process_launcher(args.bf16) if args.fsdp else None
     records, started = [], time.time()
     for model_key in args.models:
         for round_index in range(args.repeats):
-            shift = round_index % len(args.methods)
-            for method in args.methods[shift:] + args.methods[:shift]:
-                records.append(run_subprocess(argv, model_key, method, round_index))
+            shift = round_index % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                records.append(run_subprocess(argv, model_key, method, round_index, launcher))
                 print(f"[{time.time() - started:7.0f}s] {model_key} round {round_index} {method}: "
                       f"{records[-1]['seconds']:.3f} s/step", flush=True)
-                rows = save(args, records, time.time() - started)  # partial results survive an interruption
+                rows = save(args, records, methods, time.time() - started)  # partial results survive an interruption
     print(format_table(rows))
     print(f"wrote {os.path.join(args.output_dir, args.tag)}.json/.png")
 

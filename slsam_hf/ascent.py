@@ -1,7 +1,8 @@
 """Ascent directions and the SAM perturbation (pure torch; knows nothing of Trainer).
 
 All functions act on a list of parameter tensors: the arms selected this step. Norms are taken over that list
-only.
+only. The tensors may be DTensors (FSDP2's sharded parameters): every update is then elementwise on the local
+shards, and norms and sums are reductions over all shards, so each process computes the same global values.
 """
 
 import functools
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def first_order_direction(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -57,12 +59,12 @@ def zero_order_direction(
             loss_plus = loss_fn()
             torch._foreach_add_(params, u, alpha=-2 * eps)
             loss_minus = loss_fn()
-            torch._foreach_copy_(params, backup)
+            restore(params, backup)
             c = (loss_plus.double() - loss_minus.double()) / (2 * eps)
             torch._foreach_mul_(u, torch.where(torch.isfinite(c), c, 0.0) / num_directions)
             estimate = u if estimate is None else torch._foreach_add(estimate, u)
     finally:
-        torch._foreach_copy_(params, backup)
+        restore(params, backup)
     return estimate
 
 
@@ -77,16 +79,43 @@ def first_moment(optimizer_state: dict, params: list[torch.Tensor]) -> list[torc
 
 
 def gaussian_like(param: torch.Tensor, generators: dict, seed: int) -> torch.Tensor:
-    """u ~ N(0, I) shaped like `param`, drawn from the generator of its device (created with `seed`)."""
+    """u ~ N(0, I) shaped like `param`, drawn from the generator of its device (created with `seed`). For a DTensor
+    the whole tensor is drawn and its local shard kept, so u is the same for every world size (each process draws
+    every element once)."""
     if param.device not in generators:
         generators[param.device] = torch.Generator(param.device).manual_seed(seed)
-    return torch.randn(param.shape, generator=generators[param.device], device=param.device, dtype=param.dtype)
+    return like(param, torch.randn(param.shape, generator=generators[param.device], device=param.device,
+                                   dtype=param.dtype))
+
+
+def like(param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t`, a whole tensor shaped like `param` or, for a DTensor, possibly its local shard, laid out as `param`: a
+    DTensor takes its local chunk of a whole tensor (no communication) or wraps its shard (a shard shaped like the
+    whole tensor is that chunk, so both readings agree)."""
+    t = t.to(param.device)
+    if not isinstance(param, DTensor):
+        return t
+    if t.shape == param.shape:
+        return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
+    return DTensor.from_local(t, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The global value of `t` as a plain tensor: a DTensor's full tensor (a reduction over shards for a norm or a
+    sum), any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local shard (it shares the DTensor's storage), other tensors as they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """||t||_2 of each tensor, stacked, in at least float32 (one `torch._foreach_norm`: a few kernel launches)."""
+    """||t||_2 of each tensor, stacked, in at least float32 (one `torch._foreach_norm`: a few kernel launches; for
+    DTensors one reduction over the shards)."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    return full(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -122,13 +151,13 @@ def perturb(
 
 @torch.no_grad()
 def restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
-    """theta <- the copy `perturb` kept: exact, also for bf16/fp16 weights."""
-    torch._foreach_copy_(params, backup)
+    """theta <- the copy `perturb` kept: exact, also for bf16/fp16 weights (DTensors: shard by shard)."""
+    torch._foreach_copy_(local(params), local(backup))
 
 
 def cosine_similarity(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """cos(a, b) of two directions given as tensor lists."""
-    dot = sum((x.float() * y.float()).sum() for x, y in zip(a, b))
+    dot = full(sum((x.float() * y.float()).sum() for x, y in zip(a, b)))
     return float(dot / (grad_norm(a) * grad_norm(b)).clamp_min(1e-30))
 
 

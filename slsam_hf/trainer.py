@@ -7,6 +7,8 @@ Per optimizer step t (DESIGN section 2):
   3. theta <- theta + rho * g / ||g||, stock `Trainer.training_step` (forward + backward on S_t), theta restored;
   4. after the last micro-batch, the bandit learns from the gradient norms; the stock loop clips and steps, with
      the `sparse_update` rule applied around the base optimizer's step (optimizer step hooks).
+Under FSDP2 the parameters are sharded DTensors: every update above acts on the local shards, and every norm is a
+reduction over them (ascent.py).
 """
 
 import contextlib
@@ -17,6 +19,7 @@ import os
 import numpy as np
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
+from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -27,12 +30,14 @@ from .ascent import (
     cosine_similarity,
     first_moment,
     first_order_direction,
+    full,
     grad_norm,
+    like,
     perturb,
     restore,
     tensor_norms,
 )
-from .checkpoint import has_sam_state, load_sam_state, save_sam_state
+from .checkpoint import has_sam_state, load_sam_state, optimizer_state_names, save_lookback, save_sam_state
 from .history import SelectionHistory
 from .selection import LayerBandit, UniformSelector
 from .training_args import SAMTrainingArguments
@@ -95,11 +100,7 @@ class SAMTrainerMixin:
                 min_prob=args.bandit_min_prob, seed=args.seed, arm_sizes=[arm.numel for arm in self.arms],
             )
         self.history = SelectionHistory([arm.name for arm in self.arms])
-        named = [zip(arm.param_names, arm.params) for arm in self.arms]
-        named.append(zip(self.always_selected.param_names, self.always_selected.params))
-        self._trainable = {name: p for pairs in named for name, p in pairs}
-        self._trainable_numel = sum(p.numel() for p in self._trainable.values())
-        self._names = {p: name for name, p in self._trainable.items()}
+        self._index_trainable()
         # sam_rho=0 moves nothing: no ascent pass at all, so the step (and the bandit's rewards: the update gradient)
         # is sam_mode='none'.
         self.ascent = None if args.sam_rho == 0 else ascent_direction(args.sam_mode, args.zo_direction,
@@ -118,15 +119,52 @@ class SAMTrainerMixin:
         self._held = None  # (arms, their probabilities when drawn) of the selection held over selection_interval
         self._window = self._empty_window()
 
+    def _index_trainable(self):
+        """Name <-> tensor maps of every trainable tensor (arms and always-selected), and their element count."""
+        named = [zip(arm.param_names, arm.params) for arm in self.arms]
+        named.append(zip(self.always_selected.param_names, self.always_selected.params))
+        self._trainable = {name: p for pairs in named for name, p in pairs}
+        self._trainable_numel = sum(p.numel() for p in self._trainable.values())
+        self._names = {p: name for name, p in self._trainable.items()}
+        self._sharded = False  # whether the maps follow FSDP2's sharded parameters (`_follow_sharded_parameters`)
+
+    def _follow_sharded_parameters(self):
+        """FSDP2: accelerate's prepare replaced every parameter by a sharded DTensor; the arms, the always-selected
+        tensors and the maps follow the model's parameters again, by name (once per `train()`, before the first step
+        or a resume, while every arm requires grad).
+
+        FSDP2 also fixes, lazily at the first forward, each parameter group's gradient dtype from the tensors that
+        require grad then: a group whose arms were all frozen in that forward would later reduce-scatter in the
+        compute dtype (bf16) and fail to store the gradient of an fp32 shard. It is initialised here instead, with
+        every arm on (a no-op once a forward ran)."""
+        model = self.accelerator.unwrap_model(self.model)  # the FSDP2 root, under torch.compile too
+        self._gather_afresh(model)  # every module holds its sharded parameters
+        model._get_fsdp_state()._lazy_init()
+        current = dict(model.named_parameters())
+        for group in [*self.arms, self.always_selected]:
+            group.params = [current[name] for name in group.param_names]
+        self._index_trainable()
+        self._sharded = True
+
+    def _gather_afresh(self, model):
+        """FSDP2: free every unsharded parameter copy, so the next forward gathers the shards as they are now (with
+        their requires_grad). A group that keeps its copy after forward (the root's, `reshard_after_forward=False`)
+        would otherwise run the next forward on weights from before a perturbation or a probe."""
+        if self.is_fsdp_enabled:
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     def _check_supported(self):
         args = self.args
         if self.is_deepspeed_enabled:
             raise ValueError("SAMTrainer does not support DeepSpeed yet; use DDP (accelerate_configs/multi_gpu.yaml).")
-        if self.is_fsdp_enabled and (args.sam_mode != "none" or args.layer_selection != "all"):
+        plain = args.sam_mode == "none" and args.layer_selection == "all"
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2 and not plain:
             raise ValueError(
-                "SAMTrainer supports FSDP only with sam_mode='none' and layer_selection='all' (plain training): "
-                "sharded weights cannot be perturbed or frozen per step here. Use DDP (accelerate_configs/"
-                "multi_gpu.yaml) for SAM modes and layer selection."
+                "SAMTrainer supports FSDP1 only with sam_mode='none' and layer_selection='all' (plain training): its "
+                "flattened parameters cannot be perturbed or frozen per tensor. Use FSDP2 (fsdp_version: 2 in the "
+                "accelerate config, accelerate_configs/fsdp.yaml) or DDP (accelerate_configs/multi_gpu.yaml)."
             )
         if args.n_gpu > 1:
             raise ValueError(
@@ -177,7 +215,10 @@ class SAMTrainerMixin:
     def _before_optimizer_step(self, optimizer, args, kwargs):
         """Drops the loss scaler's placeholder gradient (`_end_step`). 'momentum': unselected tensors with optimizer
         state get a zero gradient (the base optimizer moves them along its first moment). 'scale': keep theta of the
-        selected arms, for `_after_optimizer_step`."""
+        selected arms, for `_after_optimizer_step`. Neither hook acts on a step taken outside a SAM step (resuming
+        under FSDP2, torch.distributed.checkpoint initialises the optimizer state with a step at learning rate 0)."""
+        if self._step_started is None:
+            return
         if self._scaler_placeholder is not None:
             self._scaler_placeholder.grad = None
             self._scaler_placeholder = None
@@ -192,11 +233,13 @@ class SAMTrainerMixin:
     def _after_optimizer_step(self, optimizer, args, kwargs):
         """'scale': theta <- theta_before + k_i * (theta - theta_before), k_i = min(1 / p_i, sparse_update_max_scale)
         with p_i the probability arm i was drawn with; the always-selected tensors are not scaled."""
+        if self._step_started is None:
+            return
         params, before = self._before_step
         scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
         with torch.no_grad():
             torch._foreach_lerp_(before, params, [float(scale[k]) for k, _, _ in self._arm_params])
-            torch._foreach_copy_(params, before)
+            restore(params, before)
         self._before_step = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -210,11 +253,13 @@ class SAMTrainerMixin:
                 # Frozen only while this micro-batch's passes run: callbacks, evaluation, checkpoints and the
                 # optimizer step outside it see every flag on (the unselected tensors' .grad stays None).
                 self._set_requires_grad(self._selected)
+            self._gather_afresh(model)  # FSDP2: the next forward gathers the shards with these flags
             if perturbing:
                 params, direction, clean_loss = self._ascent_direction(model, inputs, num_items_in_batch)
                 if direction is not None:
                     backup, skipped = self._perturb(params, direction)
                 del direction
+                self._gather_afresh(model)  # ... and at theta + epsilon
             loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
             # Whoever catches this (auto_find_batch_size restarts the loop on out-of-memory) gets the next call
@@ -279,6 +324,8 @@ class SAMTrainerMixin:
         run)."""
         self._step_started = self.state.global_step
         self._micro_step = 0
+        if self.is_fsdp_enabled and not self._sharded:
+            self._follow_sharded_parameters()
         if self.selector is None:
             self._selected = np.arange(len(self.arms))
         else:
@@ -311,7 +358,7 @@ class SAMTrainerMixin:
             if not first_order:
                 self._rewards = self._arm_norms(norms)
             rewards = self._rewards
-            if self.accelerator.num_processes > 1:
+            if self.accelerator.num_processes > 1 and not self.is_fsdp_enabled:  # FSDP2's norms are global already
                 rewards = self.accelerator.reduce(torch.as_tensor(rewards, device=self.args.device), "mean")
                 rewards = rewards.cpu().numpy()
             if not self.selector.update(self._selected, rewards):
@@ -341,21 +388,41 @@ class SAMTrainerMixin:
         return params, direction, source.clean_loss
 
     def _first_order(self, model, inputs, num_items_in_batch, params):
-        """Train-mode loss at theta and its gradient on `params` (per process, under no_sync; .grad untouched)."""
+        """Train-mode loss at theta and its gradient on `params`, .grad untouched: per process under DDP (no_sync);
+        averaged over processes under FSDP2, where all share one theta (`_sharded_gradient`)."""
         model.train()
-        with self.accelerator.no_sync(model), self._off_the_record():
+        sharded = self.is_fsdp_enabled
+        with contextlib.nullcontext() if sharded else self.accelerator.no_sync(model), self._off_the_record():
             with self.compute_loss_context_manager():
                 # A copy: stock compute_loss pops "labels" (label smoothing, compute_loss_func); the update pass
                 # still needs them.
                 loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
             loss = self._scale_for_accumulation(loss, num_items_in_batch)
             scaler = self.accelerator.scaler
-            grads = first_order_direction(scaler.scale(loss) if scaler is not None else loss, params)
+            scaled = scaler.scale(loss) if scaler is not None else loss
+            grads = self._sharded_gradient(model, scaled, params) if sharded else first_order_direction(scaled, params)
         return grads, loss.detach()
+
+    def _sharded_gradient(self, model, loss, params):
+        """FSDP2: d loss / d params averaged over processes, each process holding its shard, from a backward into .grad
+        with FSDP's own reduce-scatter. The gradient accumulated by earlier micro-batches is set aside meanwhile, and
+        gradient sync stays on for this micro-batch (no unsharded gradient waits inside FSDP across the ascent pass;
+        the trainer's no_sync turns it back on after the micro-batch anyway)."""
+        kept = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        model.set_requires_gradient_sync(True)
+        try:
+            loss.backward()
+            return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        finally:
+            for p, g in zip(self._params, kept):
+                p.grad = g
 
     def _probe_loss(self, model, probe_inputs):
         """A zero-order probe: the no-grad loss with dropout off, averaged over processes."""
         model.eval()
+        self._gather_afresh(model)  # the probe moved the shards since the last forward
         with self._off_the_record(), torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, dict(probe_inputs)).detach()  # a copy, as in `_first_order`
         return self.accelerator.reduce(loss, "mean") if self.accelerator.num_processes > 1 else loss
@@ -480,19 +547,40 @@ class SAMTrainerMixin:
             self._build_selection()
 
     def _save_checkpoint(self, model, trial):
+        """Stock checkpoint plus the SAM state. The lookback gradients follow FSDP2's state dict type: whole tensors
+        (FULL_STATE_DICT, gathered on every process, written by the main one) or each process's shards
+        (SHARDED_STATE_DICT, one file per process)."""
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
-            arm_names = [arm.name for arm in self.arms]
-            save_sam_state(folder, arm_names, self.selector, self.history, self._lookback, self._held,
-                           self._selection_options())
-        if self.selector is not None:
+            sharded = self.is_fsdp_enabled and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            lookback = {name: g.to_local() if sharded else full(g) for name, g in self._lookback.items()}
+            if sharded:
+                save_lookback(folder, lookback, (self.args.process_index, self.args.world_size))
+            if self.args.should_save:
+                stateful = [name for name, p in self._trainable.items() if p in self.optimizer.state]
+                save_sam_state(folder, [arm.name for arm in self.arms], self.selector, self.history,
+                               {} if sharded else lookback, self._held, self._selection_options(), stateful)
+        if self.selector is not None and self.args.should_save:
             self.history.save(self.args.output_dir, heatmap=False)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        """Stock loading, then the SAM state. Under FSDP2, torch.distributed.checkpoint refuses a trainable tensor
+        without saved optimizer state (an arm never drawn before the checkpoint): such tensors are frozen while the
+        optimizer state loads, and stay without state, as in the run that wrote it."""
+        stateless = []
+        if checkpoint is not None and self.is_fsdp_enabled:
+            if not self._sharded:
+                self._follow_sharded_parameters()
+            with_state = optimizer_state_names(checkpoint)
+            stateless = [p for name, p in self._trainable.items() if with_state is not None and name not in with_state]
+        for p in stateless:
+            p.requires_grad_(False)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            for p in stateless:
+                p.requires_grad_(True)
         if checkpoint is None:
             return
         if not has_sam_state(checkpoint):
@@ -501,9 +589,10 @@ class SAMTrainerMixin:
                 "and lookback buffer."
             )
             return
+        shard = (self.args.process_index, self.args.world_size) if self.is_fsdp_enabled else None
         lookback, self._held = load_sam_state(checkpoint, [arm.name for arm in self.arms], self.selector,
-                                              self.history, set(self._trainable), self._selection_options())
-        self._lookback = {name: g.to(self._trainable[name].device) for name, g in lookback.items()}
+                                              self.history, set(self._trainable), self._selection_options(), shard)
+        self._lookback = {name: like(self._trainable[name], g) for name, g in lookback.items()}
 
     def _selection_options(self):
         """The options a checkpoint's selector state holds for: a resume must use the same."""

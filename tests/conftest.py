@@ -1,6 +1,9 @@
 """Shared fixtures: tiny from-config models and synthetic datasets, so most tests run in seconds on a CPU."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 from slsam_hf import SAMTrainingArguments
 
 VOCAB = 64
+TESTS = Path(__file__).resolve().parent
 
 
 def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
@@ -64,3 +68,21 @@ def sam_args(tmp_path, **overrides) -> SAMTrainingArguments:
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path
+
+
+def launch(worker: Path, out: Path) -> Path:
+    """Runs `worker OUT` on 2 CPU processes over gloo (`accelerate launch`, accelerate_configs/cpu_2proc.yaml)."""
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
+    config = TESTS.parent / "accelerate_configs" / "cpu_2proc.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(worker), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"worker failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory):
+    """Output folder of one 2-process DDP run of tests/distributed_worker.py (all scenarios in one process group):
+    test_distributed.py checks it, test_fsdp.py compares FSDP2 runs with it."""
+    return launch(TESTS / "distributed_worker.py", tmp_path_factory.mktemp("ddp"))

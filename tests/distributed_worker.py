@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from slsam_hf import SAMTrainer  # noqa: E402
-from slsam_hf.ascent import gaussian_like  # noqa: E402
+from slsam_hf.ascent import full, gaussian_like, local  # noqa: E402
 from slsam_hf.trainer import derive_seed  # noqa: E402
 
 MODES = ("none", "sam", "asam", "zo", "msam", "lookback")
@@ -58,10 +58,10 @@ def rho_zero_tag(lora, batch_size, accumulation):
 
 
 def digest(tensors):
-    """sha256 of the tensors' bytes: equal digests mean bit-identical tensors."""
+    """sha256 of the tensors' bytes (a DTensor's full tensor): equal digests mean bit-identical tensors."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(full(t.detach()).cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -96,8 +96,8 @@ class RecordingSAMTrainer(SAMTrainer):
         seed = derive_seed(self.args.seed, self.state.global_step, self._micro_step)
         generators = {}
         u = [gaussian_like(p, generators, seed).double() for p in params]
-        dot = sum((g.double() * ui).sum() for g, ui in zip(direction, u))
-        return float(dot / sum(ui.square().sum() for ui in u))
+        dot = full(sum((g.double() * ui).sum() for g, ui in zip(direction, u)))
+        return float(dot / full(sum(ui.square().sum() for ui in u)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -152,8 +152,8 @@ class ReferenceSAMTrainer(RecordingSAMTrainer):
         super()._end_step()
 
 
-def bert(lora):
-    model = tiny_bert()
+def bert(lora, dropout=0.1):
+    model = tiny_bert(dropout=dropout)
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                  task_type="SEQ_CLS"))
@@ -173,11 +173,22 @@ def rho_zero_trainer(output_dir, lora, batch_size, accumulation):
     return RecordingSAMTrainer(model=model, args=args, train_dataset=lm_data())
 
 
+def combination_trainer(output_dir, mode, selection, lora, accumulation, trainer_class=RecordingSAMTrainer, rows=4,
+                        dropout=0.1, **overrides):
+    """The trainer of one COMBINATIONS scenario: tiny BERT, 3 steps (unless `overrides` says otherwise) of `rows` rows
+    per process."""
+    settings = dict(options(mode), layer_selection=selection, max_steps=3, gradient_accumulation_steps=accumulation,
+                    per_device_train_batch_size=rows // accumulation)
+    args = sam_args(output_dir, **{**settings, **overrides})
+    return trainer_class(model=bert(lora, dropout), args=args, train_dataset=classification_data())
+
+
 def save(folder, trainer, initial, tensors=None):
     """rank{r}.json: process group, steps, logs, probabilities; rank{r}.safetensors: final, initial, extra tensors."""
     folder.mkdir(parents=True, exist_ok=True)
     accelerator = trainer.accelerator
     rank = accelerator.process_index
+    params = list(trainer.model.parameters())
     record = {
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
@@ -185,19 +196,21 @@ def save(folder, trainer, initial, tensors=None):
         "wrapper": type(trainer.model_wrapped).__name__,
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "num_arms": len(trainer.arms),
-        "steps": trainer.steps,
+        "steps": getattr(trainer, "steps", None),  # RecordingSAMTrainer's
         "logs": [log for log in trainer.state.log_history if "loss" in log],
         "probabilities": None if trainer.selector is None else trainer.selector.probabilities.tolist(),
+        # share of the parameters' elements this process holds: 1 under DDP, about 1 / world size under FSDP2
+        "local_share": sum(t.numel() for t in local(params)) / sum(p.numel() for p in params),
     }
     (folder / f"rank{rank}.json").write_text(json.dumps(record))
-    out = {f"final.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out = {f"final.{n}": full(p.detach()).clone() for n, p in trainer.model.named_parameters()}
     out.update({f"initial.{n}": p for n, p in initial.items()})
     out.update(tensors or {})
     save_file({k: v.contiguous() for k, v in out.items()}, str(folder / f"rank{rank}.safetensors"))
 
 
 def train_and_save(folder, trainer):
-    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    initial = {n: full(p.detach()).clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     save(folder, trainer, initial, getattr(trainer, "tensors", None))
 
@@ -218,11 +231,9 @@ def save_unjoined_error(folder):
 
 def main(output_dir):
     out = Path(output_dir)
-    for mode, selection, lora, accumulation in COMBINATIONS:
-        tag = combination_tag(mode, selection, lora, accumulation)
-        args = sam_args(out / tag / "trainer", **options(mode), layer_selection=selection, max_steps=3,
-                        gradient_accumulation_steps=accumulation, per_device_train_batch_size=4 // accumulation)
-        train_and_save(out / tag, RecordingSAMTrainer(model=bert(lora), args=args, train_dataset=classification_data()))
+    for combination in COMBINATIONS:
+        folder = out / combination_tag(*combination)
+        train_and_save(folder, combination_trainer(folder / "trainer", *combination))
     for lora, batch_size, accumulation in RHO_ZERO_RUNS:
         tag = rho_zero_tag(lora, batch_size, accumulation)
         train_and_save(out / tag, rho_zero_trainer(out / tag / "trainer", lora, batch_size, accumulation))

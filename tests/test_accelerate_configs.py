@@ -16,6 +16,7 @@ EXPECTED = {
     "multi_gpu.yaml": (DistributedType.MULTI_GPU, "bf16", 2, False, 2),
     "multi_gpu_fp16.yaml": (DistributedType.MULTI_GPU, "fp16", 2, False, 2),
     "fsdp.yaml": (DistributedType.FSDP, "bf16", 2, False, 2),
+    "multi_node.yaml": (DistributedType.MULTI_GPU, "bf16", 16, False, 8),  # 8 processes on each of 2 machines
 }
 
 
@@ -40,12 +41,16 @@ def test_config_loads_with_the_expected_settings(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_accelerate_launch_starts_the_expected_processes(name):
     """The launcher `accelerate launch` picks for the file and the environment it gives the training script."""
-    parsed = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), "train.py"])
+    # multi_node.yaml as on the second machine (the first one checks that its rendezvous port is free)
+    second_machine = ["--machine_rank", "1"] if name == "multi_node.yaml" else []
+    parsed = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *second_machine, "train.py"])
     args, _, _ = _validate_launch_command(parsed)
     _, mixed_precision, _, _, processes = EXPECTED[name]
     if processes > 1:  # torchrun: one process per rank
         env = prepare_multi_gpu_env(args)
         assert int(args.nproc_per_node) == processes
+        if second_machine:  # torchrun --nnodes 2 --node_rank 1, meeting the first machine at its address
+            assert (args.nnodes, args.node_rank, args.rdzv_endpoint) == ("2", 1, "10.0.0.1:29500")
     else:
         command, env = prepare_simple_launcher_cmd_env(args)
         assert command[-1] == "train.py"

@@ -46,6 +46,23 @@ def test_step_cost_counts_passes_and_writes_ratios(tmp_path):
     assert (tmp_path / "tiny.png").stat().st_size > 0
 
 
+def test_step_cost_compares_each_fsdp_run_with_the_same_rounds_ddp_run():
+    """--fsdp: '<method>/fsdp' rows hold ratios to the same round's DDP AdamW run and to the DDP run of <method>."""
+    seconds = {("adamw", 0): 1.0, ("adamw", 1): 2.0, ("sam", 0): 2.0, ("sam", 1): 4.0, ("sam/fsdp", 0): 3.0,
+               ("sam/fsdp", 1): 4.0}
+    keys = ("peak_memory_mb", "optimizer_state_mb", "active_param_ratio", "forward_nograd", "forward_grad", "backward",
+            "backward_depth", "seconds_forward_nograd", "seconds_forward_grad", "seconds_optimizer", "selected_arms",
+            "arms")
+    records = [{"model": "minilm", "method": method, "round": round_index, "seconds": value, "cpu_seconds": value,
+                **dict.fromkeys(keys, 1.0)} for (method, round_index), value in seconds.items()]
+    rows = {row["method"]: row for row in step_cost.summarize(records, ["minilm"], ["adamw", "sam", "sam/fsdp"])}
+    fsdp = rows["sam/fsdp"]
+    assert (fsdp["time_ratio"], fsdp["time_ratio_range"]) == (2.5, [2.0, 3.0])  # 3/1, 4/2
+    assert (fsdp["ddp_time_ratio"], fsdp["ddp_time_ratio_range"]) == (1.25, [1.0, 1.5])  # 3/2, 4/4
+    assert "ddp_time_ratio" not in rows["sam"]
+    assert "1.25x (1.00-1.50)" in step_cost.format_table(list(rows.values()))
+
+
 def test_glue_accuracy_both_budgets_flatness_and_resume(tmp_path, capsys):
     args = ["--tasks", "sst2", "--methods", "adamw", "sl_zo", "--seeds", 0, "--max_train_samples", 16,
             "--max_eval_samples", 16, "--num_train_epochs", 1, "--max_seq_length", 32, "--label_noise", 0.25,

@@ -3,32 +3,13 @@ tests/distributed_worker.py over every sam_mode x layer_selection, full and LoRA
 with each other, with a 1-process run and with independent per-rank reference gradients."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import distributed_worker as worker
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """Output folder of one 2-process run of the worker (all scenarios in one process group)."""
-    out = tmp_path_factory.mktemp("ddp")
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
-    config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), worker.__file__,
-               str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"worker failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
-    return out
+pytestmark = pytest.mark.multiprocess  # `launched` (conftest.py): the worker's output folder
 
 
 def ranks(out, tag):

@@ -200,8 +200,9 @@ def test_deepspeed_is_refused_at_construction(tmp_path):
         pretend("is_deepspeed_enabled")(model=tiny_bert(), args=sam_args(tmp_path))
 
 
-def test_fsdp_is_refused_unless_plain_training(tmp_path):
-    with pytest.raises(ValueError, match="FSDP only with sam_mode='none'"):
+def test_fsdp1_is_refused_unless_plain_training(tmp_path):
+    """FSDP2 runs every mode (test_fsdp.py); FSDP1's flattened parameters cannot be perturbed or frozen per tensor."""
+    with pytest.raises(ValueError, match="FSDP1 only with sam_mode='none'"):
         pretend("is_fsdp_enabled")(model=tiny_bert(), args=sam_args(tmp_path))
     pretend("is_fsdp_enabled")(model=tiny_bert(), args=sam_args(tmp_path, sam_mode="none", layer_selection="all"))
 
