@@ -69,10 +69,10 @@ def test_a_saved_model_has_a_card_with_the_method_its_figures_tags_and_citation(
     assert ModelCard.load(tmp_path / "README.md").text.count("### Sharpness-aware training") == 1
 
 
-def test_a_lora_adapters_card_keeps_peft_and_sam_tags(tmp_path):
+def test_a_lora_adapters_card_keeps_peft_metadata_and_sam_tags(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     card = card_of(SAMTrainer(model=model, args=sam_args(tmp_path, max_steps=2), train_dataset=lm_data()))
-    assert card.data.library_name == "peft" and {"lora", "sam", "slsam_hf"} <= set(card.data.tags)
+    assert card.data.library_name == "peft" and {"sam", "slsam_hf"} <= set(card.data.tags)
     assert "### Sharpness-aware training (slsam_hf)" in card.text and "block 1 (" in card.text
 
 
