@@ -5,9 +5,11 @@
         --dataset_name tatsu-lab/alpaca --max_steps 1000 --eval_benchmarks arc_easy,piqa --eval_limit 200
 
 Reports the training-loss curve, held-out loss / perplexity and a greedy sample before and after training, and the
-SAM figures; writes finetune_report.json and the adapter (or full model) with its tokenizer to --output_dir.
+SAM figures; writes finetune_report.json and the adapter (or full model) with its tokenizer and model card to
+--output_dir.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +32,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, HfArgumentParser, set_seed
 
 from slsam_hf import SAMTrainer, SAMTrainingArguments
-from slsam_hf.assets import SMOLLM2, resolve_model
+from slsam_hf.assets import SMOLLM2, hub_id, resolve_model
 
 REPORT_JSON = "finetune_report.json"
 # Recipe defaults for SAMTrainingArguments: a run that ends in a few minutes on a 2-core CPU.
@@ -185,6 +187,8 @@ def main():
         before = evaluate_model(model, tokenizer, heldout_set, prompt_ids, training_args, report_args)
     trainer.train()
     trainer.save_model()
+    trainer.create_model_card(finetuned_from=hub_id(model_args.model_name_or_path),
+                              dataset=data_args.dataset_name or os.path.basename(data_args.data_file))
     if not main_process:
         return
     after = evaluate_model(model, tokenizer, heldout_set, prompt_ids, training_args, report_args)

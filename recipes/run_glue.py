@@ -26,7 +26,7 @@ from datasets import ClassLabel, DatasetDict, Features, Value, load_dataset
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, set_seed
 
 from slsam_hf import SAMTrainer, SAMTrainingArguments
-from slsam_hf.assets import MINILM, resolve_model
+from slsam_hf.assets import MINILM, hub_id, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +381,10 @@ def main():
                 path = Path(training_args.output_dir) / f"{stem}{SUBMISSION_TAGS.get(name, '-' + name)}.tsv"
                 write_predictions(path, predicted(output.predictions, is_regression), labels)
                 logger.info("predictions on the %s split written to %s", split, path)
+
+    if training_args.do_train:  # again, now with the evaluation results
+        trainer.create_model_card(finetuned_from=hub_id(model_args.model_name_or_path), tasks="text-classification",
+                                  dataset=f"GLUE {task_name.upper()}" if task_name else None)
 
 
 if __name__ == "__main__":

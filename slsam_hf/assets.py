@@ -14,6 +14,8 @@ from filelock import FileLock
 MINILM = "all-minilm-l6-v2"
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hub models the two packages carry (SmolLM2 as a 4-bit GGUF copy).
+HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2", SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def package_dir(module: str) -> Path:
@@ -34,6 +36,14 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == SMOLLM2:
         return str(dense_smollm2())
     return name_or_path
+
+
+def hub_id(name_or_path: str) -> str | None:
+    """The Hub name a model card can cite as its base model: the model behind an offline alias, a Hub name itself,
+    None for a local folder."""
+    if name_or_path in HUB_IDS:
+        return HUB_IDS[name_or_path]
+    return None if os.path.exists(name_or_path) else name_or_path
 
 
 def dense_smollm2() -> Path:

@@ -39,6 +39,7 @@ from .ascent import (
 )
 from .checkpoint import has_sam_state, load_sam_state, optimizer_state_names, save_lookback, save_sam_state
 from .history import SelectionHistory
+from .modelcard import add_to_model_card, method_section, sam_options
 from .selection import LayerBandit, UniformSelector
 from .training_args import SAMTrainingArguments
 
@@ -334,7 +335,6 @@ class SAMTrainerMixin:
                 selected = self.selector.select(step)
                 self._held = (selected, self.selector.probabilities[selected].copy())
             self._selected = self._held[0]
-            self.history.record(self._selected)
         self._arm_params = [(k, name, p) for k, i in enumerate(self._selected)
                             for name, p in zip(self.arms[i].param_names, self.arms[i].params)]
         always = self.always_selected
@@ -346,9 +346,11 @@ class SAMTrainerMixin:
         """After the last micro-batch's backward: bookkeeping, bandit update, lookback buffer."""
         window = self._window
         window["steps"] += 1
-        active = sum(p.numel() for p in self._trainable.values() if p.grad is not None)
-        window["active"] += active / self._trainable_numel
+        active = sum(p.numel() for p in self._trainable.values() if p.grad is not None) / self._trainable_numel
+        window["active"] += active
         window["selected"] += len(self._selected)
+        if self.selector is not None:
+            self.history.record(self._selected, active)
         bandit, lookback = isinstance(self.selector, LayerBandit), isinstance(self.ascent, LookbackAscent)
         first_order = self.ascent is not None and self.ascent.first_order  # rewards came from the ascent pass
         grads = [p.grad for p in self._params]
@@ -539,6 +541,22 @@ class SAMTrainerMixin:
             if self.selector is not None and self.args.should_save:
                 self.history.close_window(self.state.global_step, self.selector.probabilities)
                 self.history.save(self.args.output_dir)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Stock save; a save to `args.output_dir` called by the user (not a checkpoint) also writes the model card
+        there (`create_model_card`)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and output_dir in (None, self.args.output_dir):
+            self.create_model_card()
+
+    def create_model_card(self, *args, **kwargs):
+        """Stock model card (`output_dir/README.md`), plus how the model was trained: the SAM and selection options,
+        the measured active-parameter ratio and most-selected blocks (`modelcard.method_section`), the tags `sam` and
+        `slsam_hf` and the citation of SL-SAM and ZO-SAM."""
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            section = method_section(sam_options(self.args), self.history.state_dict())
+            add_to_model_card(os.path.join(self.args.output_dir, "README.md"), section)
 
     def _hp_search_setup(self, trial):
         """Runs in `train()` after `model_init` rebuilt the model and a trial set its options."""

@@ -77,8 +77,13 @@ def test_lora_run_reports_loss_curve_heldout_and_sam_figures(lora_run):
 
 def test_lora_adapter_loads_back_with_the_same_heldout_loss(lora_run):
     output_dir, report = lora_run
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "selection_history.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "selection_history.json",
+                 "selection_heatmap.png"):
         assert (output_dir / name).is_file(), name
+    card = (output_dir / "README.md").read_text()
+    assert "fine-tuned version of [HuggingFaceTB/SmolLM2-135M-Instruct]" in card and "alpaca_en_demo.json" in card
+    assert "- sam\n" in card and "library_name: peft" in card
+    assert "budget 0.2: 12.0 of 60 arms" in card and "most-selected blocks" in card
     assert not (output_dir / "model.safetensors").exists()
     tokenizer = eval_llm.load_tokenizer(str(output_dir))
     heldout = heldout_of_run(tokenizer)

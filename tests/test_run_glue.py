@@ -164,6 +164,10 @@ def test_shipped_task_metrics_match_dev_predictions(runs, name, folder, metric):
         assert 0 <= eval_results[f"eval_{key}"] <= 1
         assert eval_results[f"eval_{key}"] == pytest.approx(value, abs=1e-6)
     assert json.loads((runs / name / "config.json").read_text())["id2label"] == dict(zip(["0", "1"], values))
+    card = (runs / name / "README.md").read_text()
+    assert "fine-tuned version of [sentence-transformers/all-MiniLM-L6-v2]" in card
+    assert f"on the GLUE {name.upper()} dataset" in card and "results on the evaluation set:\n- Loss: " in card
+    assert "### Sharpness-aware training (slsam_hf)" in card and (runs / name / "selection_heatmap.png").is_file()
 
 
 def test_cola_headerless_layout(runs):

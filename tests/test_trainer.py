@@ -474,6 +474,7 @@ def test_logs_and_selection_history(tmp_path):
         history = json.load(f)
     assert history["arm_names"] == [arm.name for arm in trainer.arms]
     assert len(history["counts"]) == 4 and len(history["probabilities"][0]) == len(trainer.arms)
+    assert history["active_param_ratio"] == pytest.approx([log["active_param_ratio"] for log in logs], abs=1e-6)
     assert os.path.getsize(os.path.join(tmp_path, "selection_heatmap.png")) > 1000
 
 
