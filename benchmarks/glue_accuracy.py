@@ -344,7 +344,7 @@ def plot_task(results: list[dict], setting: str, task: str, methods: list[str], 
             drawn = True
     if drawn:
         axes.set(xlabel="training CPU seconds (optimizer steps)", ylabel="dev accuracy (%)",
-                 title=f"{task}: mean over seeds, 95 % interval")
+                 title=f"{path.stem.removeprefix('glue_accuracy_')}: mean over seeds, 95 % interval of the mean")
         axes.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(path, dpi=120)
