@@ -198,7 +198,7 @@ def train_one(args: GlueAccuracyArguments, task: str, method: str, seed: int, ma
         trainer.train()
         metrics = official(trainer.evaluate())
     ratios = [log["active_param_ratio"] for log in trainer.state.log_history if "active_param_ratio" in log]
-    record = {"steps": trainer.state.global_step, "total_steps": trainer.state.global_step,
+    record = {"steps": trainer.state.global_step,
               "train_wall_seconds": clock.seconds["wall"], "train_cpu_seconds": clock.seconds["cpu"],
               "metrics": metrics, "active_param_ratio": float(np.mean(ratios)) if ratios else None}
     if args.sharpness_samples:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .ascent import grad_norm
+
 
 def measure_sharpness(
     model: nn.Module, batches, rho: float = 0.05, num_directions: int = 8, hessian_iters: int = 20, seed: int = 0
@@ -93,11 +95,6 @@ def mean_gradient(model: nn.Module, params: list, batches: list) -> list:
     return [t / len(batches) for t in total]
 
 
-def global_norm(tensors: list) -> torch.Tensor:
-    """‖v‖ over all tensors of v, in float32."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
-
-
 def gaussian_like(params: list, generator: torch.Generator) -> list:
     """u ~ N(0, I) shaped like `params`, drawn on the CPU from `generator` (the same on every device)."""
     return [torch.randn(p.shape, generator=generator).to(p) for p in params]
@@ -106,7 +103,7 @@ def gaussian_like(params: list, generator: torch.Generator) -> list:
 @torch.no_grad()
 def loss_at(model: nn.Module, params: list, original: list, direction: list, rho: float, batches: list) -> float:
     """L(θ + ρ d/‖d‖), then θ restored; L(θ) itself if d = 0."""
-    norm = global_norm(direction)
+    norm = grad_norm(direction)
     if norm == 0:
         return mean_loss(model, batches)
     scale = rho / norm
@@ -140,12 +137,12 @@ def hessian_vector_product(model: nn.Module, params: list, batches: list, vector
 def power_iteration(product, start: list, iters: int) -> float:
     """Eigenvalue of largest magnitude of the symmetric operator `product` (v -> Av), from ‖v‖ = 1: the Rayleigh
     quotient vᵀAv, then v <- Av/‖Av‖; `iters` products in all."""
-    v = [t / global_norm(start) for t in start]
+    v = [t / grad_norm(start) for t in start]
     quotient = 0.0
     for _ in range(iters):
         av = product(v)
         quotient = sum((a.float() * b.float()).sum() for a, b in zip(av, v)).item()
-        norm = global_norm(av)
+        norm = grad_norm(av)
         if norm == 0:
             break
         v = [t / norm for t in av]

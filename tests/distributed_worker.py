@@ -29,6 +29,7 @@ VARIANTS = {
     "zo_momentum": {"sam_mode": "zo", "zo_direction": "momentum", "sparse_update": "momentum"},
     "none_scale_hold": {"sam_mode": "none", "sparse_update": "scale", "selection_interval": 2,
                         "bandit_reward": "per_parameter"},
+    "sam_quarter": {"sam_mode": "sam", "sam_ascent_fraction": 0.25, "sparse_update": "scale"},
 }
 # (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, plus accumulating runs,
 # plus the variants with selection (the Gaussian probe with every selection).

@@ -37,6 +37,7 @@ def assert_same(a, b):
 
 
 RESUMED = [("zo", "bandit", {}), ("lookback", "bandit", {}), ("sam", "random", {}),
+           ("sam", "bandit", {"sam_ascent_fraction": 0.5}),
            ("zo", "bandit", {"zo_direction": "momentum", "sparse_update": "scale"}),
            ("msam", "bandit", {"sparse_update": "momentum", "bandit_reward": "per_parameter"}),
            # checkpoint-3 falls inside a held selection (drawn at step 2, held for steps 2 and 3)
