@@ -173,6 +173,21 @@ def test_paired_differences_to_adamw_with_a_t_interval():
     assert "| time |" not in table
 
 
+def test_the_plot_draws_only_the_methods_with_the_most_seeds_up_to_three(tmp_path):
+    def result(method, seed, budget="steps"):
+        return {"task": "rte", "budget": budget, "method": method, "seed": seed, "setting": "s",
+                "metrics": {"accuracy": 0.5 + 0.01 * seed}, "train_cpu_seconds": 10.0 + seed}
+
+    three = [result(m, s) for m in ("adamw", "sam") for s in range(3)] + [result("sam", 0, "equal_time")]
+    one = [result("sl_zo", 0), result("sl_zo", 1, "equal_time")]
+    path = tmp_path / "rte.png"
+    assert glue_accuracy.plot_task(three + one, "s", "rte", ["adamw", "sam", "sl_zo"], path) == ["adamw", "sam"]
+    assert path.stat().st_size > 0
+    assert glue_accuracy.plot_task(one, "s", "rte", ["adamw", "sl_zo"], path) == ["sl_zo"]  # nothing has more
+    assert glue_accuracy.plot_task(three, "s", "mrpc", ["adamw"], tmp_path / "none.png") == []
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_step_overhead_times_the_work_outside_the_passes_and_counts_syncs(tmp_path):
     run_benchmark(step_overhead, "--models", "minilm", "--steps", 1, "--warmup_steps", 1, "--output_dir", tmp_path,
                   "--tag", "tiny")
