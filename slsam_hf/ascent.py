@@ -115,7 +115,9 @@ def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """||t||_2 of each tensor, stacked, in at least float32 (one `torch._foreach_norm`: a few kernel launches; for
     DTensors one reduction over the shards)."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
-    return full(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
+    if any(isinstance(t, DTensor) for t in tensors):  # torch 2.14's DTensor refuses _foreach_norm's dtype argument
+        return full(torch.stack(torch._foreach_norm([t.to(dtype) for t in tensors], 2)))
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -238,9 +238,10 @@ class SAMTrainerMixin:
             return
         params, before = self._before_step
         scale = np.minimum(1.0 / self._held[1], self.args.sparse_update_max_scale)
-        with torch.no_grad():
-            torch._foreach_lerp_(before, params, [float(scale[k]) for k, _, _ in self._arm_params])
-            restore(params, before)
+        with torch.no_grad():  # sub, mul, add: torch 2.10 has no foreach lerp with a list of weights on DTensors
+            torch._foreach_sub_(params, before)
+            torch._foreach_mul_(params, [float(scale[k]) for k, _, _ in self._arm_params])
+            torch._foreach_add_(params, before)
         self._before_step = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):

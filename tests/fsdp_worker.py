@@ -92,7 +92,8 @@ def bf16_trainer(output_dir, mode, mixed):
     args = sam_args(output_dir, **options(mode), learning_rate=0.0, max_steps=3, bf16=mixed, fsdp=True,
                     fsdp_config=dict(FSDP_CONFIG))
     if mixed:  # accelerate's bf16 default reduces in bf16; an FSDP plugin built in Python can reduce in fp32
-        args.fsdp_plugin_args["mixed_precision_policy"] = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+        args.fsdp_plugin_args["mixed_precision_policy"] = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32,
+                                                            "output_dtype": torch.bfloat16}
     return FSDPRecordingTrainer(model=model, args=args, train_dataset=classification_data())
 
 
