@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, StateDictType
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -137,7 +137,9 @@ class SAMTrainerMixin:
         FSDP2 also fixes, lazily at the first forward, each parameter group's gradient dtype from the tensors that
         require grad then: a group whose arms were all frozen in that forward would later reduce-scatter in the
         compute dtype (bf16) and fail to store the gradient of an fp32 shard. It is initialised here instead, with
-        every arm on (a no-op once a forward ran)."""
+        every arm on (a no-op once a forward ran). Does nothing without FSDP or once done."""
+        if not self.is_fsdp_enabled or self._sharded:
+            return
         model = self.accelerator.unwrap_model(self.model)  # the FSDP2 root, under torch.compile too
         self._gather_afresh(model)  # every module holds its sharded parameters
         model._get_fsdp_state()._lazy_init()
@@ -326,8 +328,7 @@ class SAMTrainerMixin:
         run)."""
         self._step_started = self.state.global_step
         self._micro_step = 0
-        if self.is_fsdp_enabled and not self._sharded:
-            self._follow_sharded_parameters()
+        self._follow_sharded_parameters()
         if self.selector is None:
             self._selected = np.arange(len(self.arms))
         else:
@@ -572,7 +573,8 @@ class SAMTrainerMixin:
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
-            sharded = self.is_fsdp_enabled and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            sharded = (self.is_fsdp_enabled
+                       and self.accelerator.state.fsdp_plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT)
             lookback = {name: g.to_local() if sharded else full(g) for name, g in self._lookback.items()}
             if sharded:
                 save_lookback(folder, lookback, (self.args.process_index, self.args.world_size))
@@ -589,10 +591,10 @@ class SAMTrainerMixin:
         optimizer state loads, and stay without state, as in the run that wrote it."""
         stateless = []
         if checkpoint is not None and self.is_fsdp_enabled:
-            if not self._sharded:
-                self._follow_sharded_parameters()
+            self._follow_sharded_parameters()
             with_state = optimizer_state_names(checkpoint)
-            stateless = [p for name, p in self._trainable.items() if with_state is not None and name not in with_state]
+            if with_state is not None:
+                stateless = [p for name, p in self._trainable.items() if name not in with_state]
         for p in stateless:
             p.requires_grad_(False)
         try:

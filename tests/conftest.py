@@ -76,7 +76,8 @@ def launch(worker: Path, out: Path) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     config = TESTS.parent / "accelerate_configs" / "cpu_2proc.yaml"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(worker), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)  # FSDP2 worker: over 10 min on 2 busy cores
+    # 30 min: the FSDP2 worker took over 10 on 2 busy cores
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f"worker failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
     return out
 

@@ -31,9 +31,11 @@ VARIANTS = {
                         "bandit_reward": "per_parameter"},
     "sam_quarter": {"sam_mode": "sam", "sam_ascent_fraction": 0.25, "sparse_update": "scale"},
 }
-# (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, plus accumulating runs,
-# plus the variants with selection (the Gaussian probe with every selection).
-COMBINATIONS = [(m, s, lora, 1) for lora in (False, True) for m in MODES for s in SELECTIONS] + [
+# (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA (also run under FSDP2,
+# fsdp_worker.py); COMBINATIONS adds accumulating runs and the variants with selection (the Gaussian probe with every
+# selection).
+GRID = [(m, s, lora, 1) for lora in (False, True) for m in MODES for s in SELECTIONS]
+COMBINATIONS = GRID + [
     ("sam", "bandit", False, 2),
     ("zo", "bandit", False, 2),
     ("zo_gaussian", "bandit", False, 2),

@@ -11,8 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from conftest import classification_data, sam_args  # noqa: E402
 from distributed_worker import (  # noqa: E402
-    MODES,
-    SELECTIONS,
+    GRID,
     RecordingSAMTrainer,
     bert,
     combination_tag,
@@ -32,7 +31,7 @@ from slsam_hf.ascent import full  # noqa: E402
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}
 # (mode, selection, LoRA, gradient accumulation): every mode x selection, full and LoRA, accumulating runs, the
 # Gaussian probe (sharded draws), the momentum sparse update and a held selection; each also runs in distributed_worker.
-COMBINATIONS = [(m, s, lora, 1) for lora in (False, True) for m in MODES for s in SELECTIONS] + [
+COMBINATIONS = GRID + [
     ("sam", "bandit", False, 2),
     ("zo", "bandit", False, 2),
     ("zo_gaussian", "all", False, 1),
