@@ -68,6 +68,8 @@ METHODS = {
     "sam_quarter": {**COST_METHODS["sam"], "sam_ascent_fraction": 0.25},
     "sl_sam_quarter": {"sam_mode": "sam", "layer_selection": "bandit", "sparse_update": "scale",
                        "sam_ascent_fraction": 0.25},
+    # Lookback (the stored update gradient as the ascent, no extra pass) with the sparse rule that kept accuracy.
+    "sl_lookback_scale": {"sam_mode": "lookback", "layer_selection": "bandit", "sparse_update": "scale"},
     # The radius grid of full SAM (rho 0.05 is "sam").
     "sam_rho002": {**COST_METHODS["sam"], "sam_rho": 0.02},
     "sam_rho01": {**COST_METHODS["sam"], "sam_rho": 0.1},
