@@ -1,6 +1,7 @@
-"""SmolLM2-135M-Instruct fine-tuned with LoRA on the shipped instruction data by AdamW, SAM and the default mode
-(SL-SAM bandit + ZO-SAM), then evaluated: held-out loss / perplexity and zero-shot benchmarks (lm-eval's acc and
-acc_norm with their standard errors), over seeds, with the paired difference of each method to AdamW.
+"""SmolLM2-135M-Instruct fine-tuned with LoRA on the shipped instruction data by AdamW, SAM and the default
+mode (`sparse_scale`: the SL-SAM bandit's sparse step scaled by 1/p, no perturbation), then evaluated: held-out
+loss / perplexity and zero-shot benchmarks (lm-eval's acc and acc_norm with their standard errors), over seeds,
+with the paired difference of each method to AdamW.
 
     HF_HUB_OFFLINE=1 python benchmarks/llm_accuracy.py --seeds 0 1 2 --max_steps 150 --eval_limit 500
 
@@ -24,13 +25,13 @@ from step_cost import METHODS as COST_METHODS
 from transformers import HfArgumentParser
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-METHODS = {name: COST_METHODS[name] for name in ("adamw", "sam", "sl_zo", "sl_zo_momentum_probe025")}
+METHODS = {name: COST_METHODS[name] for name in ("adamw", "sam", "sparse_scale", "sl_zo", "sl_zo_momentum_probe025")}
 
 
 @dataclass
 class LLMAccuracyArguments:
-    methods: list[str] = field(default_factory=lambda: ["adamw", "sam", "sl_zo_momentum_probe025"],
-                               metadata={"help": f"From {list(METHODS)}."})
+    methods: list[str] = field(default_factory=lambda: ["adamw", "sam", "sparse_scale"],
+                               metadata={"help": f"From {list(METHODS)} (sparse_scale: the default)."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds."})
     max_steps: int = field(default=150, metadata={"help": "Optimizer steps of every run."})
     learning_rate: float = field(default=1e-3, metadata={"help": "LoRA learning rate, the same for every method."})

@@ -62,6 +62,8 @@ METHODS = {
     "sl_zo_momentum_probe025": {"sam_mode": "zo", "zo_direction": "momentum", "layer_selection": "bandit",
                                 "sparse_update": "scale", "zo_probe_fraction": 0.25},
     "sl_msam": {"sam_mode": "msam", "layer_selection": "bandit", "sparse_update": "scale", "sam_rho": 0.5},
+    # The default since the benchmark grid (benchmarks/README.md 5h): the bandit's scaled sparse step, no perturbation.
+    "sparse_scale": {"sam_mode": "none", "layer_selection": "bandit", "sparse_update": "scale"},
 }
 
 # fsdp_layer: the block FSDP2 shards as one unit (for BERT, accelerate's default also wraps the embeddings and then

@@ -74,7 +74,7 @@ def method_section(options: dict, history: dict) -> str:
     `SelectionHistory.state_dict()`) the measured active-parameter ratio and the most-selected blocks."""
     mode = options["sam_mode"]
     if mode == "none" or options["sam_rho"] == 0:
-        ascent = "none: no perturbation (plain training)"
+        ascent = "none: no perturbation"
     else:
         ascent = f"{ASCENTS[mode]}; radius ρ = {options['sam_rho']}"
         if mode == "zo":

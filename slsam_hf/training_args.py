@@ -18,19 +18,22 @@ class SAMTrainingArguments(TrainingArguments):
 
     One step: pick arms S_t (`layer_selection`), find an ascent direction g on S_t (`sam_mode`), move to
     theta + rho * g / ||g||, take the update gradient there with one backward pass on S_t, come back, and let
-    the base optimizer step.
+    the base optimizer step. The defaults are the combination the benchmark grid found most accurate at AdamW's
+    training time (benchmarks/README.md, section 5): the bandit's sparse step scaled by 1/p, without perturbation.
     """
 
     sam_mode: str = field(
-        default="zo",
+        default="none",
         metadata={
-            "help": "How the ascent direction is found. 'zo': zero-order two-point estimate (2m no-grad forwards, "
-            "ZO-SAM); 'sam': first backward pass (SAM); 'asam': SAM scaled element-wise by |theta| (adaptive SAM, "
-            "use a ~10x larger sam_rho); 'msam': MSAM, -rho * m / ||m|| along the base optimizer's first moment "
-            "(no extra pass; use a ~10x larger sam_rho); 'lookback': each selected tensor's last stored update "
-            "gradient, however many steps old (about 1/selection_budget), with no extra pass but a copy of every "
-            "trainable tensor in memory and in each checkpoint; 'none': no perturbation (plain training, equals "
-            "Trainer with layer_selection='all').",
+            "help": "How the ascent direction is found. 'none': no perturbation (the default; with "
+            "layer_selection='all' it equals Trainer): at AdamW's training time no ascent below paid for its cost "
+            "in the benchmark grid (benchmarks/README.md, section 5), and 'sam' was the most accurate per step, at "
+            "twice the cost. 'zo': zero-order two-point estimate (2m no-grad forwards, ZO-SAM); 'sam': first "
+            "backward pass (SAM); 'asam': SAM scaled element-wise by |theta| (adaptive SAM, use a ~10x larger "
+            "sam_rho); 'msam': MSAM, -rho * m / ||m|| along the base optimizer's first moment (no extra pass; use a "
+            "~10x larger sam_rho); 'lookback': each selected tensor's last stored update gradient, however many "
+            "steps old (about 1/selection_budget), with no extra pass but a copy of every trainable tensor in "
+            "memory and in each checkpoint.",
             "choices": list(SAM_MODES),
         },
     )

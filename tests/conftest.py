@@ -55,11 +55,12 @@ def lm_data(n: int = 16, length: int = 12, seed: int = 0) -> Dataset:
 
 
 def sam_args(tmp_path, **overrides) -> SAMTrainingArguments:
-    """Small, deterministic CPU settings; no checkpoints, no reporting."""
+    """Small, deterministic CPU settings; no checkpoints, no reporting. The zero-order probe unless overridden: the
+    most involved step (the package default, sam_mode='none', is what test_minilm and test_training_args check)."""
     defaults = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=5,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, sam_mode="zo",
     )
     defaults.update(overrides)
     return SAMTrainingArguments(**defaults)

@@ -23,7 +23,8 @@ from slsam_hf.trainer import derive_seed  # noqa: E402
 MODES = ("none", "sam", "asam", "zo", "msam", "lookback")
 SELECTIONS = ("all", "random", "bandit")
 # Scenarios named like modes that set more options: the first build's Gaussian probe, the momentum-guided probe with
-# the momentum sparse-update rule, and the other sparse-update options ("zo" alone is the default step).
+# the momentum sparse-update rule, and the other sparse-update options ("zo" alone is the momentum probe with `scale`,
+# the package default before the benchmark grid; "none" with selection is the default now).
 VARIANTS = {
     "zo_gaussian": {"sam_mode": "zo", "zo_direction": "gaussian", "sparse_update": "freeze", "zo_probe_fraction": 1.0},
     "zo_momentum": {"sam_mode": "zo", "zo_direction": "momentum", "sparse_update": "momentum"},

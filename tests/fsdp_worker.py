@@ -97,11 +97,12 @@ def bf16_trainer(output_dir, mode, mixed):
 
 
 def sft_under_ddp_and_fsdp(folder):
-    """The mixin on TRL's SFTTrainer (tiny Llama with tied embeddings, the default step) under DDP, then FSDP2 (blocks
-    sharded by accelerate's default policy): saves the FSDP2 run's records and the DDP run's weights as `ddp.*`."""
-    ddp = train_sft(SAMSFTTrainer, folder / "ddp")
+    """The mixin on TRL's SFTTrainer (tiny Llama with tied embeddings, the momentum probe) under DDP, then FSDP2
+    (blocks sharded by accelerate's default policy): saves the FSDP2 run's records and the DDP run's weights as
+    `ddp.*`."""
+    ddp = train_sft(SAMSFTTrainer, folder / "ddp", sam_mode="zo")
     tensors = {f"ddp.{n}": p.detach().clone() for n, p in ddp.model.named_parameters()}
-    sharded = train_sft(FSDPSAMSFTTrainer, folder / "fsdp", fsdp=True, fsdp_config={"version": 2})
+    sharded = train_sft(FSDPSAMSFTTrainer, folder / "fsdp", sam_mode="zo", fsdp=True, fsdp_config={"version": 2})
     save(folder, sharded, {}, tensors)
 
 

@@ -97,7 +97,7 @@ def test_bf16_perturbations_and_probes_restore_the_weights_bit_for_bit(sharded, 
 
 def test_the_mixin_on_trls_sft_trainer_equals_its_ddp_run(sharded):
     """SAMTrainerMixin on another Trainer (TRL's SFTTrainer), a tiny Llama with tied embeddings (accelerate shards
-    the decoder layers and puts the embeddings with the final norm), the default step."""
+    the decoder layers and puts the embeddings with the final norm), the momentum probe."""
     (r0, t0), (r1, _) = ranks(sharded, "sft")
     assert r0["distributed_type"] == "DistributedType.FSDP" and r0["local_share"] < 0.6
     assert r0["logs"] == r1["logs"] and all("loss_perturbed" in log for log in r0["logs"])

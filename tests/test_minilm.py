@@ -43,9 +43,11 @@ def test_none_equals_stock_trainer_on_real_model(tmp_path, mrpc):
         assert torch.equal(p, q), name
 
 
-def test_default_mode_on_real_model(tmp_path, mrpc):
+@pytest.mark.parametrize("overrides", [{}, {"sam_mode": "zo"}], ids=["default", "zo_probe"])
+def test_sparse_modes_on_real_model(tmp_path, mrpc, overrides):
+    """The default (the bandit's scaled sparse step, no perturbation) and the momentum probe on top of it."""
     model = minilm()
-    trainer = SAMTrainer(model=model, args=args(tmp_path), train_dataset=mrpc)
+    trainer = SAMTrainer(model=model, args=args(tmp_path, **overrides), train_dataset=mrpc)
     # The classifier head is missing from the checkpoint: always selected; every pretrained tensor is an arm.
     assert trainer.always_selected.param_names == ["classifier.weight", "classifier.bias"]
     assert len(trainer.arms) == len(list(model.parameters())) - 2
@@ -54,7 +56,8 @@ def test_default_mode_on_real_model(tmp_path, mrpc):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2
     for log in logs:
-        assert 0.01 < log["active_param_ratio"] < 0.9 and log["loss_perturbed"] > 0
+        assert 0.01 < log["active_param_ratio"] < 0.9
+        assert log["loss_perturbed"] > 0 if overrides else "loss_perturbed" not in log
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert {"classifier.weight", "classifier.bias"} <= changed and len(changed) < len(before)
     assert os.path.isfile(tmp_path / "selection_history.json")

@@ -12,9 +12,10 @@ def make(**kwargs):
     return SAMTrainingArguments(output_dir="unused", report_to="none", **kwargs)
 
 
-def test_defaults_are_the_combined_method():
+def test_defaults_are_the_benchmarks_choice():
+    """The sparse step without perturbation (benchmarks/README.md 5h); the probe's settings for sam_mode='zo'."""
     args = make()
-    assert (args.sam_mode, args.layer_selection, args.sam_rho, args.selection_budget) == ("zo", "bandit", 0.05, 0.2)
+    assert (args.sam_mode, args.layer_selection, args.sam_rho, args.selection_budget) == ("none", "bandit", 0.05, 0.2)
     assert (args.zo_num_directions, args.zo_eps, args.bandit_lr, args.arm_granularity) == (1, 1e-3, 1e-3, "tensor")
     assert args.always_selected == ["auto"] and args.zo_probe_fraction == 0.25
     assert (args.zo_direction, args.sparse_update, args.sparse_update_max_scale, args.selection_interval) == (
