@@ -36,9 +36,9 @@ def assert_same(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-RESUMED = [("zo", "bandit", {}), ("lookback", "bandit", {}), ("sam", "random", {}),
+# ("none", "bandit") is the package default; ("zo", "bandit") the momentum probe with `scale` (its defaults).
+RESUMED = [("none", "bandit", {}), ("zo", "bandit", {}), ("lookback", "bandit", {}), ("sam", "random", {}),
            ("sam", "bandit", {"sam_ascent_fraction": 0.5}),
-           ("zo", "bandit", {"zo_direction": "momentum", "sparse_update": "scale"}),
            ("msam", "bandit", {"sparse_update": "momentum", "bandit_reward": "per_parameter"}),
            # checkpoint-3 falls inside a held selection (drawn at step 2, held for steps 2 and 3)
            ("none", "bandit", {"selection_interval": 2, "sparse_update": "scale"})]
