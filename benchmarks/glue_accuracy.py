@@ -302,26 +302,60 @@ def summarize(results: list[dict], setting: str, tasks: list[str], methods: list
     return "\n".join(lines)
 
 
+def seed_differences(results: list[dict], setting: str, budget: str) -> dict:
+    """(task, method) -> d_s, the accuracy of each seed s minus AdamW's of the same seed (points), seeds in order."""
+    accuracy = {(r["task"], r["method"], r["seed"]): 100 * r["metrics"]["accuracy"]
+                for r in budget_lines(results, setting, budget)}
+    differences = defaultdict(list)
+    for (task, method, seed), value in sorted(accuracy.items()):
+        if method != "adamw" and (task, "adamw", seed) in accuracy:
+            differences[task, method].append(value - accuracy[task, "adamw", seed])
+    return {key: np.array(d) for key, d in differences.items()}
+
+
 def paired_differences(results: list[dict], setting: str, tasks: list[str], methods: list[str]) -> str:
     """Markdown table: per (task, budget, method), the accuracy difference to AdamW of the same seed, d_s, with its
     mean and 95 % paired-t interval (n >= 2 seeds)."""
     lines = ["| task | budget | method | paired seeds | difference to AdamW (points) | 95 % interval | per seed |",
              "|---|---|---|---|---|---|---|"]
     for budget in ("steps", "equal_time", "time"):
-        accuracy = {(r["task"], r["method"], r["seed"]): 100 * r["metrics"]["accuracy"]
-                    for r in budget_lines(results, setting, budget)}
+        differences = seed_differences(results, setting, budget)
         for task in tasks:
             for method in methods:
-                if method == "adamw":
-                    continue
-                seeds = sorted(s for t, m, s in accuracy if (t, m) == (task, method) and (task, "adamw", s) in accuracy)
-                d = np.array([accuracy[task, method, s] - accuracy[task, "adamw", s] for s in seeds])
-                if d.size == 0:
+                d = differences.get((task, method))
+                if d is None:
                     continue
                 mean, half = paired_interval(d)
                 interval = "-" if half is None else f"{mean - half:+.1f} .. {mean + half:+.1f}"
                 lines.append(f"| {task} | {budget} | {method} | {d.size} | {mean:+.1f} | {interval} | "
                              f"{', '.join(f'{x:+.1f}' for x in d)} |")
+    return "\n".join(lines)
+
+
+def setting_label(setting: str, task: str) -> str:
+    """The task's name, with '_noise<rate>' when the setting flips training labels (sst2, sst2_noise0.2)."""
+    noise = [part.split("=")[1] for part in setting.split(",") if part.startswith("label_noise=")]
+    return task + "".join(f"_noise{rate}" for rate in noise)
+
+
+def mean_over_settings(results: list[dict], methods: list[str]) -> str:
+    """Markdown table, the grid's decision: per (budget, method), the mean over the settings (a task in one setting,
+    e.g. sst2 and sst2_noise0.2) of the mean paired difference to AdamW there, with each setting's difference and its
+    number of seeds. A plain mean of the settings run: compare methods over the same settings."""
+    lines = ["| budget | method | settings | mean difference to AdamW (points) | per setting (seeds) |",
+             "|---|---|---|---|---|"]
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    for budget in BUDGETS:
+        cells = defaultdict(dict)
+        for setting in settings:
+            for (task, method), d in seed_differences(results, setting, budget).items():
+                cells[method][setting_label(setting, task)] = d
+        for method in (m for m in methods if m in cells):
+            means = {label: d.mean() for label, d in cells[method].items()}
+            per_setting = ", ".join(f"{label} {mean:+.1f} ({cells[method][label].size})"
+                                    for label, mean in sorted(means.items()))
+            lines.append(f"| {budget} | {method} | {len(means)} | {round(np.mean(list(means.values())), 1) + 0.0:+.1f} | "
+                         f"{per_setting} |")
     return "\n".join(lines)
 
 
@@ -370,13 +404,15 @@ def main(argv: list[str] | None = None):
     results = read_jsonl(path)
     print(f"setting: {args.setting}\n{summarize(results, args.setting, args.tasks, args.methods)}\n\n"
           f"{paired_differences(results, args.setting, args.tasks, args.methods)}")
-    sections = []
+    decision = mean_over_settings(results, list(METHODS))
+    print(f"\n{decision}")
+    sections = [f"Mean over the settings of the paired difference to AdamW:\n\n{decision}\n"]
     for setting in dict.fromkeys(r["setting"] for r in results):
         sections.append(f"setting: `{setting}`\n\n{summarize(results, setting, list(run_glue.TASKS), list(METHODS))}"
                         f"\n\n{paired_differences(results, setting, list(run_glue.TASKS), list(METHODS))}\n")
-        noise = next((f"_noise{part.split('=')[1]}" for part in setting.split(",") if part.startswith("label_noise=")), "")
         for task in run_glue.TASKS:
-            plot_task(results, setting, task, list(METHODS), path.parent / f"glue_accuracy_{task}{noise}.png")
+            plot_task(results, setting, task, list(METHODS),
+                      path.parent / f"glue_accuracy_{setting_label(setting, task)}.png")
     (path.parent / "glue_accuracy.md").write_text("\n".join(sections))
 
 

@@ -173,6 +173,22 @@ def test_paired_differences_to_adamw_with_a_t_interval():
     assert "| time |" not in table
 
 
+def test_mean_over_settings_averages_each_settings_mean_difference():
+    def result(setting, task, method, seed, accuracy, budget="steps"):
+        return {"task": task, "budget": budget, "method": method, "seed": seed, "setting": setting,
+                "metrics": {"accuracy": accuracy}}
+
+    noisy = "s,label_noise=0.2,label_noise_seed=0"
+    results = [result("s", "sst2", "adamw", s, 0.80) for s in range(2)] + [result(noisy, "sst2", "adamw", 0, 0.70)]
+    results += [result("s", "sst2", "sam", 0, 0.81), result("s", "sst2", "sam", 1, 0.83)]  # d = +1, +3: mean +2
+    results += [result(noisy, "sst2", "sam", 0, 0.66), result(noisy, "sst2", "sam", 1, 0.99)]  # seed 1 unpaired: -4
+    results += [result("s", "sst2", "sam", 0, 0.60, budget="equal_time")]  # AdamW's steps run stands for its time
+    table = glue_accuracy.mean_over_settings(results, ["adamw", "sam"])
+    assert "| steps | sam | 2 | -1.0 | sst2 +2.0 (2), sst2_noise0.2 -4.0 (1) |" in table
+    assert "| equal_time | sam | 1 | -20.0 | sst2 -20.0 (1) |" in table
+    assert "adamw |" not in table
+
+
 def test_the_plot_draws_only_the_methods_with_the_most_seeds_up_to_three(tmp_path):
     def result(method, seed, budget="steps"):
         return {"task": "rte", "budget": budget, "method": method, "seed": seed, "setting": "s",
