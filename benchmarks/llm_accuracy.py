@@ -110,15 +110,23 @@ def standard_error(runs: list[dict], name: str) -> str:
     return f"{np.mean(errors):.1f}" if errors else "-"
 
 
-def table(args: LLMAccuracyArguments, results: list[dict]) -> str:
+def runs_of(results: list[dict], setting: str) -> tuple[dict, list[str], list[str]]:
+    """The runs of `setting` by (method, seed) (a rerun replaces a line), its methods (base, then METHODS' order,
+    then any other) and the benchmarks they were scored on."""
+    runs = {(r["method"], r["seed"]): r for r in results if r["setting"] == setting}
+    order = ["base", *METHODS]
+    methods = sorted(dict.fromkeys(m for m, _ in runs), key=lambda m: order.index(m) if m in order else len(order))
+    names = list(dict.fromkeys(n for r in runs.values() for n in r.get("accuracy", {})))
+    return runs, methods, names
+
+
+def table(results: list[dict], setting: str) -> str:
     """Markdown table per method: mean ± std over seeds, and each benchmark's mean standard error (SE) over items."""
-    names = benchmark_names(args)
+    by_seed, methods, names = runs_of(results, setting)
     lines = ["| method | seeds | held-out loss | perplexity | " + " | ".join(f"{n} acc (SE)" for n in names) +
              " | train s | active |", "|---" * (6 + len(names)) + "|"]
-    for method in (["base"] if args.eval_base else []) + args.methods:
-        runs = [r for r in results if r["method"] == method and r["setting"] == args.setting]
-        if not runs:
-            continue
+    for method in methods:
+        runs = [r for (m, _), r in sorted(by_seed.items()) if m == method]
         accs = [f"{mean_std([100 * r['accuracy'][n] for r in runs if n in r['accuracy']])} ({standard_error(runs, n)})"
                 for n in names]
         active = [r.get("active_param_ratio") for r in runs if r.get("active_param_ratio") is not None]
@@ -128,11 +136,10 @@ def table(args: LLMAccuracyArguments, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(args: LLMAccuracyArguments, results: list[dict]) -> str:
+def paired_table(results: list[dict], setting: str) -> str:
     """Markdown table per method: the difference to AdamW of the same seed in held-out loss and in each benchmark's
     accuracy (points), mean and 95 % paired-t interval over seeds."""
-    names = benchmark_names(args)
-    runs = {(r["method"], r["seed"]): r for r in results if r["setting"] == args.setting}
+    runs, methods, names = runs_of(results, setting)
     lines = ["| method | paired seeds | held-out loss − AdamW | " + " | ".join(f"{n} − AdamW" for n in names) + " |",
              "|---" * (3 + len(names)) + "|"]
 
@@ -140,7 +147,7 @@ def paired_table(args: LLMAccuracyArguments, results: list[dict]) -> str:
         mean, half = paired_interval(np.asarray(values))
         return f"{mean:+.3g}" + ("" if half is None else f" ({mean - half:+.3g} .. {mean + half:+.3g})")
 
-    for method in args.methods:
+    for method in methods:
         seeds = sorted(s for m, s in runs if m == method and ("adamw", s) in runs and method != "adamw")
         if not seeds:
             continue
@@ -169,10 +176,10 @@ def main(argv: list[str] | None = None):
                 f.write(json.dumps(result) + "\n")
             print(f"{method} seed {seed}: {result}", flush=True)
     results = read_jsonl(path)
-    text = f"{table(args, results)}\n\n{paired_table(args, results)}"
-    print(f"setting: {args.setting}\n{text}")
-    (path.parent / "llm_accuracy.md").write_text(f"setting: `{args.setting}`\n\n{text}\n")
-
+    print(f"setting: {args.setting}\n{table(results, args.setting)}\n\n{paired_table(results, args.setting)}")
+    (path.parent / "llm_accuracy.md").write_text("\n".join(
+        f"setting: `{setting}`\n\n{table(results, setting)}\n\n{paired_table(results, setting)}\n"
+        for setting in dict.fromkeys(r["setting"] for r in results)))
 
 if __name__ == "__main__":
     main()
