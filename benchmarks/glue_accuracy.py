@@ -354,8 +354,8 @@ def mean_over_settings(results: list[dict], methods: list[str]) -> str:
             means = {label: d.mean() for label, d in cells[method].items()}
             per_setting = ", ".join(f"{label} {mean:+.1f} ({cells[method][label].size})"
                                     for label, mean in sorted(means.items()))
-            lines.append(f"| {budget} | {method} | {len(means)} | {round(np.mean(list(means.values())), 1) + 0.0:+.1f} | "
-                         f"{per_setting} |")
+            overall = round(np.mean(list(means.values())), 1) + 0.0  # + 0.0: no '-0.0'
+            lines.append(f"| {budget} | {method} | {len(means)} | {overall:+.1f} | {per_setting} |")
     return "\n".join(lines)
 
 

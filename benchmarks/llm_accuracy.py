@@ -100,10 +100,6 @@ def evaluate_base(args: LLMAccuracyArguments, seed: int) -> dict:
             **scores(report.get("benchmarks", {})), "train_seconds": 0.0, "steps": 0}
 
 
-def benchmark_names(args: LLMAccuracyArguments) -> list[str]:
-    return [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-
-
 def standard_error(runs: list[dict], name: str) -> str:
     """Mean over runs of lm-eval's standard error of a benchmark's accuracy, in points; '-' if not recorded."""
     errors = [100 * r["accuracy_stderr"][name] for r in runs if name in r.get("accuracy_stderr", {})]
@@ -180,6 +176,7 @@ def main(argv: list[str] | None = None):
     (path.parent / "llm_accuracy.md").write_text("\n".join(
         f"setting: `{setting}`\n\n{table(results, setting)}\n\n{paired_table(results, setting)}\n"
         for setting in dict.fromkeys(r["setting"] for r in results)))
+
 
 if __name__ == "__main__":
     main()

@@ -123,19 +123,22 @@ def test_llm_accuracy_reports_finetuned_model(tmp_path):
 
 def test_llm_paired_table_gives_differences_to_adamw_with_intervals():
     args = llm_accuracy.LLMAccuracyArguments(methods=["adamw", "sam"], benchmarks="piqa")
-    runs = [{"method": "sam", "seed": 0, "setting": "other", "heldout_loss": 9.0, "accuracy": {"piqa": 0.0}}]  # left out
+    other_setting = {"method": "sam", "seed": 0, "setting": "other", "heldout_loss": 9.0, "accuracy": {"piqa": 0.0}}
+    runs = [other_setting]  # left out
     runs += [{"method": m, "seed": s, "setting": args.setting, "heldout_loss": loss, "accuracy": {"piqa": acc}}
             for m, s, loss, acc in [("adamw", 0, 1.5, 0.60), ("sam", 0, 1.4, 0.62), ("adamw", 1, 1.6, 0.61),
                                     ("sam", 1, 1.4, 0.65), ("sam", 2, 1.0, 0.9)]]  # seed 2 has no AdamW pair
     row = llm_accuracy.paired_table(runs, args.setting).splitlines()[-1]
     # loss differences -0.1, -0.2: mean -0.15, half-width t(0.975, 1) * 0.0707 / sqrt(2) = 0.635
     assert row.startswith("| sam | 2 | -0.15 (-0.785 .. +0.485) | +3 (")
-    base = {"method": "base", "seed": 0, "setting": args.setting, "heldout_loss": 2.0, "perplexity": 7.4, "accuracy": {"piqa": 0.5},
-            "train_seconds": 0.0}
+    base = {"method": "base", "seed": 0, "setting": args.setting, "heldout_loss": 2.0, "perplexity": 7.4,
+            "accuracy": {"piqa": 0.5}, "train_seconds": 0.0}
     rows = llm_accuracy.table([{**r, "perplexity": 1.0, "train_seconds": 1.0} for r in runs] + [base],
                               args.setting).splitlines()[2:]
     # Every method of the setting, the untuned model first, whatever this run's --methods: sam's 3 seeds 1.4, 1.4, 1.0.
-    assert [row.split(" | ")[:3] for row in rows] == [["| base", "1", "2.000 ± 0.000"], ["| adamw", "2", "1.550 ± 0.050"],
+    # mean 3.8 / 3 = 1.267, std (ddof 0) sqrt((2 * (2/15)^2 + (4/15)^2) / 3) = 0.189; AdamW: 1.5, 1.6.
+    assert [row.split(" | ")[:3] for row in rows] == [["| base", "1", "2.000 ± 0.000"],
+                                                     ["| adamw", "2", "1.550 ± 0.050"],
                                                      ["| sam", "3", "1.267 ± 0.189"]]
 
 
