@@ -43,6 +43,13 @@ COMBINATIONS = GRID + [
 # takes each process's own: these runs compare with one process on the global batch instead (test_fsdp.py), with
 # dropout off, 2 rows per process and the loss each process's mean.
 GLOBAL_BATCH = {"rows": 2, "dropout": 0.0, "average_tokens_across_devices": False}
+
+
+def on_global_batch(combination):
+    """Whether the scenario's ascent is averaged over processes (SAM, ASAM), so that it compares with one process."""
+    return options(combination[0])["sam_mode"] in ("sam", "asam")
+
+
 # (mode, FSDP state dict type) of the runs stopped at step 2 and resumed from that checkpoint (bandit selection).
 RESUMED = [("lookback", "FULL_STATE_DICT"), ("lookback", "SHARDED_STATE_DICT"), ("zo", "FULL_STATE_DICT")]
 # (mode, mixed) of the bf16 runs at learning rate 0: "mixed" shards stay fp32, FSDP2 gathers them in bf16 and
@@ -110,7 +117,7 @@ def main(output_dir):
     out = Path(output_dir)
     for combination in COMBINATIONS:
         folder = out / combination_tag(*combination)
-        settings = GLOBAL_BATCH if options(combination[0])["sam_mode"] in ("sam", "asam") else {}
+        settings = GLOBAL_BATCH if on_global_batch(combination) else {}
         train_and_save(folder, fsdp_trainer(folder / "trainer", combination, **settings))
     for mode, state_dict_type in RESUMED:
         train_and_resume(out / resumed_tag(mode, state_dict_type), mode, state_dict_type)
